@@ -1,0 +1,3 @@
+from vdtool.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The image-stack core: errors, files, the backend contract, the stack, ops."""

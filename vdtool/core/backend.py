@@ -1,0 +1,299 @@
+"""The contract every format backend implements (one image, no parents).
+
+Like VirtualBox's VDIMAGEBACKEND, a backend sees only its own file.  The
+stack (vdtool.core.stack) owns fall-through to parents; where a backend needs
+parent data (copy-on-write of a partial block, compact of an overlay) it calls
+``self.parent_read(offset, length)``, which the stack sets; standalone it
+reads zeros."""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional
+
+from vdtool.core.errors import NotSupported, ReadOnlyError, UsageError
+from vdtool.core.progress import NO_PROGRESS, Progress
+
+
+class Status(enum.IntEnum):
+    UNALLOCATED = 0  # not in this image: the parent's data shows through
+    ZERO = 1  # reads as zeros, whatever the parent holds
+    DATA = 2  # this image holds the data
+
+
+class Cap(enum.Flag):
+    NONE = 0
+    CREATE_DYNAMIC = enum.auto()
+    CREATE_FIXED = enum.auto()
+    DIFF = enum.auto()  # can be an overlay (records a parent)
+    WRITE = enum.auto()
+    DISCARD = enum.auto()
+    COMPACT = enum.auto()
+    RESIZE = enum.auto()
+    SHRINK = enum.auto()
+    CHECK = enum.auto()
+    REPAIR = enum.auto()
+    UUID = enum.auto()
+    COMPRESS = enum.auto()
+    ZERO_MARKER = enum.auto()  # can record ZERO over parent data
+
+
+@dataclass
+class ParentRef:
+    """How an image names its parent, as read from the file."""
+
+    filename: Optional[str] = None  # as recorded (may be relative)
+    format: Optional[str] = None
+    uuid: Optional[str] = None
+    modification_uuid: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ParentSpec:
+    """What a backend needs to record a parent when creating an overlay."""
+
+    path: str  # the parent's real path
+    recorded_name: str  # name to store (relative to the child's folder if possible)
+    format: str
+    size: int
+    uuid: Optional[str] = None
+    modification_uuid: Optional[str] = None
+    mtime: Optional[float] = None
+
+
+@dataclass
+class FormatOption:
+    """A ``-o KEY=VALUE`` option a backend accepts (VirtualBox's config keys)."""
+
+    name: str
+    type: type  # int, str, bool, or "size"
+    default: Any
+    help: str
+    choices: tuple = ()
+
+    def parse(self, value: str, fmt: str) -> Any:
+        from vdtool.core.sizes import parse_size
+
+        try:
+            if self.type is bool:
+                v = value.lower()
+                if v in ("on", "true", "yes", "1"):
+                    return True
+                if v in ("off", "false", "no", "0"):
+                    return False
+                raise ValueError
+            if self.type == "size":
+                return parse_size(value)
+            if self.type is int:
+                return int(value, 0)
+            out = str(value)
+        except (ValueError, UsageError):
+            raise UsageError(f"{fmt} option {self.name}: invalid value {value!r} ({self.help})") from None
+        if self.choices and out not in self.choices:
+            raise UsageError(f"{fmt} option {self.name}: invalid value {value!r}; choose from {', '.join(self.choices)}")
+        return out
+
+
+@dataclass
+class CheckResult:
+    """QEMU's BdrvCheckResult, plus messages for the report."""
+
+    corruptions: int = 0
+    leaks: int = 0
+    check_errors: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: Optional[int] = None
+    total_clusters: Optional[int] = None
+    allocated_clusters: Optional[int] = None
+    fragmented_clusters: Optional[int] = None
+    compressed_clusters: Optional[int] = None
+    messages: list = field(default_factory=list)
+
+    def to_json(self, filename: str, fmt: str) -> dict:
+        d: dict = {"filename": filename, "format": fmt, "check-errors": self.check_errors}
+        for key, val in (
+            ("corruptions", self.corruptions),
+            ("leaks", self.leaks),
+            ("corruptions-fixed", self.corruptions_fixed),
+            ("leaks-fixed", self.leaks_fixed),
+            ("image-end-offset", self.image_end_offset),
+            ("total-clusters", self.total_clusters),
+            ("allocated-clusters", self.allocated_clusters),
+            ("fragmented-clusters", self.fragmented_clusters),
+            ("compressed-clusters", self.compressed_clusters),
+        ):
+            if val is not None and (val or key in ("corruptions", "leaks") or key.endswith("clusters")
+                                    or key == "image-end-offset"):
+                d[key] = val
+        return d
+
+    @property
+    def exit_code(self) -> int:
+        if self.check_errors:
+            return 1
+        if self.corruptions > self.corruptions_fixed:
+            return 2
+        if self.leaks > self.leaks_fixed:
+            return 3
+        return 0
+
+
+def zeros_reader(offset: int, length: int) -> bytes:
+    return bytes(length)
+
+
+class ImageBackend:
+    """Base class.  Subclasses override what their capabilities promise;
+    a test holds each class's flags against what it overrides."""
+
+    name: ClassVar[str] = ""
+    extensions: ClassVar[tuple] = ()
+    capabilities: ClassVar[Cap] = Cap.NONE
+    variants: ClassVar[tuple] = ()  # first is the default
+    options: ClassVar[tuple] = ()  # FormatOption, for -o
+
+    def __init__(self, file):
+        self.file = file  # vdtool.core.fileio.ImageFile
+        self.path: str = file.path
+        self.writable: bool = file.writable
+        # Set by the stack: reads what the layers below show (zeros if none).
+        self.parent_read: Callable[[int, int], bytes] = zeros_reader
+
+    # -- class-level ---------------------------------------------------------
+    @classmethod
+    def probe(cls, head: bytes, tail: bytes, file_size: int) -> int:
+        """0..100: how sure the format is that the file is its own, from its
+        first 64 KiB (``head``) and last 4 KiB (``tail``)."""
+        return 0
+
+    @classmethod
+    def open(cls, path: str, *, writable: bool = False, options: Optional[dict] = None) -> "ImageBackend":
+        raise NotImplementedError
+
+    @classmethod
+    def create(cls, path: str, size: int, *, variant: Optional[str] = None, block_size: Optional[int] = None,
+               parent: Optional[ParentSpec] = None, options: Optional[dict] = None,
+               progress: Progress = NO_PROGRESS) -> "ImageBackend":
+        """Create a new image at ``path`` (the caller made sure it may) and
+        return it opened for writing."""
+        raise NotSupported("create", cls.name)
+
+    @classmethod
+    def parse_options(cls, pairs: dict) -> dict:
+        """Turn ``-o`` strings into typed values; unknown keys are usage errors."""
+        known = {o.name: o for o in cls.options}
+        out = {o.name: o.default for o in cls.options}
+        for key, value in pairs.items():
+            if key not in known:
+                valid = ", ".join(sorted(known)) or "none"
+                raise UsageError(f"unknown {cls.name} option {key!r} (valid options: {valid})")
+            out[key] = known[key].parse(value, cls.name)
+        return out
+
+    # -- facts ---------------------------------------------------------------
+    @property
+    def virtual_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def block_size(self) -> int:
+        """Allocation granularity (cluster, grain, block) in bytes."""
+        return 1 << 16
+
+    @property
+    def parent(self) -> Optional[ParentRef]:
+        return None
+
+    @property
+    def variant(self) -> Optional[str]:
+        return None
+
+    @property
+    def uuid(self) -> Optional[str]:
+        return None
+
+    def info(self) -> dict:
+        """Format-specific facts for ``info`` (qemu-img's format-specific data)."""
+        return {}
+
+    def external_references(self) -> list:
+        """Other files this image makes readers open (backing, data files...)."""
+        ref = self.parent
+        return [ref.filename] if ref and ref.filename else []
+
+    # -- data ----------------------------------------------------------------
+    def block_status(self, offset: int, length: int) -> tuple:
+        """(Status, n) for the run starting at ``offset``; 0 < n <= length."""
+        raise NotImplementedError
+
+    def readinto(self, offset: int, buf) -> None:
+        """Fill ``buf`` with the data at ``offset``; the range lies inside what
+        block_status reported as DATA or ZERO (UNALLOCATED reads as zeros)."""
+        raise NotImplementedError
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    def write(self, offset: int, data) -> None:
+        raise ReadOnlyError(f"writing is not supported for {self.name} images", self.path)
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = True) -> None:
+        """Make the range read as zeros (ZERO markers or released blocks where
+        the format can; never UNALLOCATED over a parent)."""
+        pos, end = offset, offset + length
+        chunk = 1 << 20
+        while pos < end:
+            n = min(chunk, end - pos)
+            self.write(pos, bytes(n))
+            pos += n
+
+    def discard(self, offset: int, length: int) -> None:
+        """Release what can be released; afterwards the range reads as zeros."""
+        self.write_zeroes(offset, length, unmap=True)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+    # -- whole-image operations ---------------------------------------------
+    def resize(self, new_size: int) -> None:
+        raise NotSupported("resize", self.name, self.path)
+
+    def compact(self, progress: Progress = NO_PROGRESS) -> None:
+        raise NotSupported("compact", self.name, self.path)
+
+    def check(self, repair: Optional[str] = None) -> CheckResult:
+        """``repair`` is None, 'leaks' or 'all'."""
+        raise NotSupported("check", self.name, self.path)
+
+    def set_parent(self, parent: Optional[ParentSpec]) -> None:
+        """Rewrite the parent reference (rebase, merge into child)."""
+        raise NotSupported("changing the parent", self.name, self.path)
+
+    def actual_size(self) -> int:
+        return self.file.allocated_size()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def relative_parent_name(child_path: str, parent_path: str) -> str:
+    """The parent's name as recorded in a child: relative to the child's
+    folder where that is possible, else absolute."""
+    child_dir = os.path.dirname(os.path.abspath(child_path))
+    parent_abs = os.path.abspath(parent_path)
+    try:
+        return os.path.relpath(parent_abs, child_dir)
+    except ValueError:
+        return parent_abs

@@ -1,0 +1,130 @@
+"""Which formats exist, how to load them, and probing by content.
+
+Built-in backends are named by "module:Class" strings and imported only when
+used, so ``vdtool --version`` and ``info`` on one format stay fast.  Formats of
+the CLI contract without a backend yet are still recognised by their magic, so
+a user gets "not implemented yet" rather than a wrong guess of raw."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import struct
+
+from vdtool.core.errors import NotImplementedFormat, UsageError, VdError
+
+# name -> "module:Class"
+BUILTIN = {
+    "raw": "vdtool.formats.raw:RawBackend",
+    "qcow2": "vdtool.formats.qcow2:Qcow2Backend",
+}
+
+ALL_FORMATS = ("raw", "qcow2", "qcow", "qed", "vdi", "vmdk", "vhd", "vhdx", "parallels", "dmg")
+ALIASES = {"vpc": "vhd"}
+EXTENSIONS = {
+    ".img": "raw", ".raw": "raw", ".qcow2": "qcow2", ".qcow": "qcow", ".qed": "qed", ".vdi": "vdi",
+    ".vmdk": "vmdk", ".vhd": "vhd", ".vhdx": "vhdx", ".hdd": "parallels", ".hds": "parallels",
+}
+
+_loaded: dict = {}
+_plugins: dict | None = None
+
+
+def _plugin_specs() -> dict:
+    global _plugins
+    if _plugins is None:
+        _plugins = {}
+        try:
+            from importlib.metadata import entry_points
+
+            for ep in entry_points(group="vdtool.formats"):
+                _plugins[ep.name] = ep.value
+        except Exception:  # a broken third-party plugin must not break vdtool
+            _plugins = {}
+    return _plugins
+
+
+def canonical_name(name: str) -> str:
+    n = name.strip().lower()
+    n = ALIASES.get(n, n)
+    if n not in ALL_FORMATS and n not in BUILTIN and n not in _plugin_specs():
+        raise UsageError(f"unknown format {name!r}; known formats: {', '.join(ALL_FORMATS)} (vpc = vhd)")
+    return n
+
+
+def implemented() -> list:
+    return list(BUILTIN) + [n for n in _plugin_specs() if n not in BUILTIN]
+
+
+def get_backend(name: str, path: str | None = None):
+    n = canonical_name(name)
+    if n in _loaded:
+        return _loaded[n]
+    spec = BUILTIN.get(n) or _plugin_specs().get(n)
+    if spec is None:
+        raise NotImplementedFormat(n, path)
+    module, cls = spec.split(":")
+    backend = getattr(importlib.import_module(module), cls)
+    _loaded[n] = backend
+    return backend
+
+
+def format_for_extension(path: str) -> str | None:
+    ext = os.path.splitext(path)[1].lower()
+    return EXTENSIONS.get(ext)
+
+
+def _magic_scores(head: bytes, tail: bytes, size: int) -> dict:
+    """Scores for formats recognised by magic alone (those without a backend
+    yet); a backend's own probe replaces its entry once it exists."""
+    s = {}
+    if head[:4] == b"QFI\xfb" and len(head) >= 8:
+        version = struct.unpack(">I", head[4:8])[0]
+        s["qcow" if version == 1 else "qcow2"] = 100
+    if head[:4] == b"QED\x00":
+        s["qed"] = 100
+    if len(head) >= 0x48 and struct.unpack("<I", head[0x40:0x44])[0] == 0xBEDA107F:
+        s["vdi"] = 100
+    if head[:4] in (b"KDMV", b"COWD") or head[:21] == b"# Disk DescriptorFile" or (
+            b"# Disk DescriptorFile" in head[:1024] and b"createType" in head[:4096]):
+        s["vmdk"] = 100
+    if head[:8] == b"conectix" or (len(tail) >= 512 and tail[-512:-504] == b"conectix") or (
+            len(tail) >= 511 and tail[-511:-503] == b"conectix"):
+        s["vhd"] = 100
+    if head[:8] == b"vhdxfile":
+        s["vhdx"] = 100
+    if head[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt"):
+        s["parallels"] = 100
+    if len(tail) >= 512 and tail[-512:-508] == b"koly":
+        s["dmg"] = 100
+    return s
+
+
+def read_probe_data(path: str):
+    from vdtool.core.fileio import ImageFile
+
+    with ImageFile(path) as f:
+        size = f.size()
+        head = f.pread(0, 65536)
+        tail = f.pread(max(0, size - 4096), min(size, 4096)) if size else b""
+    return head, tail, size
+
+
+def probe_scores(path: str) -> dict:
+    head, tail, size = read_probe_data(path)
+    scores = _magic_scores(head, tail, size)
+    for name in implemented():
+        try:
+            backend = get_backend(name)
+        except VdError:
+            continue
+        scores[name] = backend.probe(head, tail, size)
+    return {k: v for k, v in scores.items() if v > 0}
+
+
+def probe_format(path: str) -> str:
+    """The best-scoring format; raw (score 1) wins only when nothing else does."""
+    scores = probe_scores(path)
+    if not scores:
+        return "raw"
+    return max(scores.items(), key=lambda kv: (kv[1], kv[0] != "raw"))[0]

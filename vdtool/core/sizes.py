@@ -1,0 +1,72 @@
+"""Size strings: ``512``, ``64K``, ``10G``, ``1.5T``, ``4MiB``."""
+
+from __future__ import annotations
+
+import re
+
+from vdtool.core.errors import UsageError
+
+_UNITS = "KMGTPE"
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([kmgtpe]?)(i?b)?\s*$", re.IGNORECASE)
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a size; a binary suffix multiplies by 1024**n.  A bare 'B' is bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m or (m.group(3) and m.group(3).lower() == "ib" and not m.group(2)):
+        raise UsageError(f"invalid size {text!r}: expected a number of bytes or a number with K, M, G, T, P or E")
+    number, unit = m.group(1), m.group(2).upper()
+    mult = 1 << (10 * (_UNITS.index(unit) + 1)) if unit else 1
+    if "." in number:
+        from fractions import Fraction
+
+        value = Fraction(number) * mult
+        if value.denominator != 1:
+            raise UsageError(f"invalid size {text!r}: not a whole number of bytes")
+        return int(value)
+    return int(number) * mult
+
+
+def parse_relative_size(text: str, current: int) -> int:
+    """``SIZE``, ``+SIZE`` or ``-SIZE`` relative to ``current``."""
+    text = text.strip()
+    if text.startswith("+"):
+        return current + parse_size(text[1:])
+    if text.startswith("-"):
+        new = current - parse_size(text[1:])
+        if new < 0:
+            raise UsageError(f"size {text} would make the image smaller than zero bytes (current size {current})")
+        return new
+    return parse_size(text)
+
+
+def format_size(n: int) -> str:
+    """Human size with binary units, qemu-img style ('1 GiB', '1.5 MiB')."""
+    if n < 1024:
+        return f"{n} B"
+    for i, unit in enumerate(("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")):
+        scale = 1 << (10 * (i + 1))
+        if n < scale * 1024 or unit == "EiB":
+            value = n / scale
+            text = f"{value:.3g}" if value < 1000 else f"{value:.0f}"
+            return f"{text} {unit}"
+    return f"{n} B"
+
+
+def align_up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def align_down(n: int, a: int) -> int:
+    return n // a * a
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0

@@ -1,0 +1,258 @@
+"""ImageStack: a chain of images, base first, top last.
+
+Fall-through lives here and nowhere else (VirtualBox's container model): a
+read asks the top for block_status and goes down a layer while the answer is
+UNALLOCATED.  The run length only ever shrinks on the way down, so layers with
+different block sizes never hand back stale data.  Writes go to the top only;
+lower images are opened read-only unless an op reopens one to write into it."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from vdtool.core.backend import ImageBackend, ParentRef, Status
+from vdtool.core.errors import ChainError, VdError
+
+MAX_CHAIN_DEPTH = 64
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+class ImageStack:
+    def __init__(self, layers: list):
+        if not layers:
+            raise ValueError("an ImageStack needs at least one image")
+        self.layers: list = layers  # base first
+        self.missing_parent: Optional[ParentRef] = None  # set when opened with allow_missing_parent
+        self.missing_reason: str = ""
+        self._wire()
+
+    def _wire(self) -> None:
+        for i, layer in enumerate(self.layers):
+            layer.parent_read = self._reader_below(i)
+
+    def _reader_below(self, level: int):
+        def read_below(offset: int, length: int) -> bytes:
+            buf = bytearray(length)
+            self._readinto_layers(offset, memoryview(buf), level)
+            return bytes(buf)
+
+        return read_below
+
+    # -- facts ---------------------------------------------------------------
+    @property
+    def top(self) -> ImageBackend:
+        return self.layers[-1]
+
+    @property
+    def base(self) -> ImageBackend:
+        return self.layers[0]
+
+    @property
+    def virtual_size(self) -> int:
+        return self.top.virtual_size
+
+    @property
+    def path(self) -> str:
+        return self.top.path
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    # -- reading -------------------------------------------------------------
+    def block_status(self, offset: int, length: int, *, top: Optional[int] = None, bottom: int = 0) -> tuple:
+        """(status, n, level) for the run at ``offset`` looking from layer
+        ``top`` (default: the top) down to layer ``bottom``.  ``level`` is the
+        layer that decided (-1 when no layer holds the range: zeros, or the
+        parent below ``bottom`` shows through)."""
+        level = len(self.layers) - 1 if top is None else top
+        n = length
+        while level >= bottom:
+            layer = self.layers[level]
+            size = layer.virtual_size
+            if offset >= size:
+                # beyond a lower layer's end reads as zeros
+                return Status.ZERO, n, level
+            status, got = layer.block_status(offset, min(n, size - offset))
+            if got <= 0:
+                raise VdError(f"internal error: block_status returned length {got} at offset {offset}", layer.path)
+            n = min(n, got)
+            if status != Status.UNALLOCATED:
+                return status, n, level
+            level -= 1
+        return Status.UNALLOCATED, n, -1
+
+    def block_status_above(self, offset: int, length: int, base: int = 0) -> tuple:
+        """QEMU's is_allocated_above: (status, n, level) considering only the
+        layers above ``base`` (an index; 0 means the whole chain)."""
+        return self.block_status(offset, length, bottom=base)
+
+    def _readinto_layers(self, offset: int, buf: memoryview, top: int) -> None:
+        """Read what layers ``0..top-1`` show into ``buf``."""
+        pos = 0
+        total = len(buf)
+        while pos < total:
+            if top <= 0:
+                buf[pos:] = _zeros(total - pos)
+                return
+            status, n, level = self.block_status(offset + pos, total - pos, top=top - 1)
+            if status == Status.DATA:
+                self.layers[level].readinto(offset + pos, buf[pos:pos + n])
+            else:
+                buf[pos:pos + n] = _zeros(n)
+            pos += n
+
+    def readinto(self, offset: int, buf) -> None:
+        mv = memoryview(buf).cast("B")
+        if offset < 0 or offset + len(mv) > self.virtual_size:
+            raise VdError(f"read of {len(mv)} bytes at offset {offset} is outside the disk "
+                          f"(virtual size {self.virtual_size})", self.path)
+        self._readinto_layers(offset, mv, len(self.layers))
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    # -- writing (top only) ----------------------------------------------------
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.virtual_size:
+            raise VdError(f"range {offset}+{length} is outside the disk (virtual size {self.virtual_size})",
+                          self.path)
+
+    def write(self, offset: int, data) -> None:
+        self._check_range(offset, len(data))
+        self.top.write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = True) -> None:
+        self._check_range(offset, length)
+        self.top.write_zeroes(offset, length, unmap=unmap)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check_range(offset, length)
+        self.top.discard(offset, length)
+
+    def flush(self) -> None:
+        for layer in self.layers:
+            if layer.writable:
+                layer.flush()
+
+    def close(self) -> None:
+        errors = []
+        for layer in reversed(self.layers):
+            try:
+                layer.close()
+            except VdError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def reopen_layer(self, level: int, writable: bool = True) -> ImageBackend:
+        """Reopen one layer (for ops that write into a lower image)."""
+        old = self.layers[level]
+        cls = type(old)
+        old.close()
+        self.layers[level] = cls.open(old.path, writable=writable)
+        self._wire()
+        return self.layers[level]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _zeros(n: int):
+    if n <= len(_ZERO_CHUNK):
+        return memoryview(_ZERO_CHUNK)[:n]
+    return bytes(n)
+
+
+# -- opening --------------------------------------------------------------------
+
+def resolve_parent_path(child_path: str, ref: ParentRef, search_dirs=()) -> Optional[str]:
+    """Where the parent named by ``ref`` lives: absolute as recorded, else
+    relative to the child's folder (how QEMU and VirtualBox resolve it), then
+    the extra search folders."""
+    if not ref.filename:
+        return None
+    name = ref.filename
+    if os.path.isabs(name):
+        return name
+    candidates = [os.path.join(os.path.dirname(os.path.abspath(child_path)), name)]
+    candidates += [os.path.join(d, name) for d in search_dirs]
+    candidates += [os.path.join(d, os.path.basename(name)) for d in search_dirs]
+    for c in candidates:
+        if os.path.exists(c):
+            return c
+    return candidates[0]
+
+
+def open_backend(path: str, fmt: Optional[str] = None, *, writable: bool = False) -> ImageBackend:
+    from vdtool.core import registry
+
+    if not os.path.exists(path):
+        raise VdError("no such file", path)
+    if os.path.isdir(path):
+        raise VdError("is a directory, not an image file", path)
+    name = registry.canonical_name(fmt) if fmt else registry.probe_format(path)
+    return registry.get_backend(name, path).open(path, writable=writable)
+
+
+def open_image(path: str, fmt: Optional[str] = None, *, writable: bool = False, parent_search=(),
+               force: bool = False, allow_missing_parent: bool = False, chain: bool = True) -> ImageStack:
+    """Open ``path`` and its chain of parents.  The top is writable if asked;
+    parents are read-only.  With ``allow_missing_parent`` a missing parent is
+    recorded in ``stack.missing_parent`` instead of raising (for ``info``)."""
+    top = open_backend(path, fmt, writable=writable)
+    layers = [top]
+    seen = {_file_id(path)}
+    missing = None
+    reason = ""
+    try:
+        current = top
+        while chain:
+            ref = current.parent
+            if ref is None:
+                break
+            if len(layers) >= MAX_CHAIN_DEPTH:
+                raise ChainError(f"chain of parents is deeper than {MAX_CHAIN_DEPTH} images", path)
+            ppath = resolve_parent_path(current.path, ref, parent_search)
+            if ppath is None or not os.path.exists(ppath):
+                reason = (f"parent {ref.filename or ref.uuid!r} not found"
+                          + (f" (looked for {ppath})" if ppath else ""))
+                if allow_missing_parent:
+                    missing = ref
+                    break
+                raise ChainError(reason, current.path)
+            fid = _file_id(ppath)
+            if fid in seen:
+                raise ChainError(f"chain of parents loops back to {ppath}", current.path)
+            seen.add(fid)
+            parent = open_backend(ppath, ref.format, writable=False)
+            layers.append(parent)
+            if ref.uuid and parent.uuid and ref.uuid != parent.uuid and not force:
+                raise ChainError(f"parent {ppath} has UUID {parent.uuid} but the image expects {ref.uuid}",
+                                 current.path)
+            current = parent
+    except BaseException:
+        for layer in layers:
+            try:
+                layer.close()
+            except VdError:
+                pass
+        raise
+    layers.reverse()
+    stack = ImageStack(layers)
+    stack.missing_parent = missing
+    stack.missing_reason = reason
+    return stack
+
+
+def _file_id(path: str):
+    try:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return os.path.abspath(path)

@@ -1,0 +1,1 @@
+"""One module per image format; see vdtool.core.registry for the list."""

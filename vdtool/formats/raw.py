@@ -1,0 +1,132 @@
+"""Raw images: the file is the disk.  Holes are kept everywhere (create,
+convert, discard, resize); block_status comes from SEEK_DATA/SEEK_HOLE."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from vdtool.core.backend import Cap, ImageBackend, ParentSpec, Status
+from vdtool.core.errors import NotSupported, UsageError, VdError
+from vdtool.core.fileio import ImageFile
+from vdtool.core.progress import NO_PROGRESS, Progress
+
+_ZERO_BLOCK = bytes(1 << 16)
+
+
+class RawBackend(ImageBackend):
+    name = "raw"
+    extensions = (".img", ".raw")
+    capabilities = (Cap.CREATE_DYNAMIC | Cap.CREATE_FIXED | Cap.WRITE | Cap.DISCARD | Cap.COMPACT
+                    | Cap.RESIZE | Cap.SHRINK)
+    variants = ("sparse", "full")
+
+    def __init__(self, file: ImageFile):
+        super().__init__(file)
+        self._size = file.size()
+
+    @classmethod
+    def probe(cls, head: bytes, tail: bytes, file_size: int) -> int:
+        return 1
+
+    @classmethod
+    def open(cls, path: str, *, writable: bool = False, options: Optional[dict] = None) -> "RawBackend":
+        return cls(ImageFile(path, writable=writable))
+
+    @classmethod
+    def create(cls, path: str, size: int, *, variant: Optional[str] = None, block_size: Optional[int] = None,
+               parent: Optional[ParentSpec] = None, options: Optional[dict] = None,
+               progress: Progress = NO_PROGRESS) -> "RawBackend":
+        variant = variant or "sparse"
+        if variant not in cls.variants:
+            raise UsageError(f"raw has no variant {variant!r}; choose from {', '.join(cls.variants)}")
+        if parent is not None:
+            raise NotSupported("a parent image", "raw", path, "raw images cannot be differencing images")
+        f = ImageFile(path, create=True)
+        try:
+            f.truncate(size)
+            if variant == "full":
+                step = 64 << 20
+                for pos in range(0, size, step):
+                    f.preallocate(pos, min(step, size - pos))
+                    progress.update(pos + min(step, size - pos), size)
+        except BaseException:
+            f.close()
+            raise
+        return cls(f)
+
+    # -- facts ---------------------------------------------------------------
+    @property
+    def virtual_size(self) -> int:
+        return self._size
+
+    @property
+    def block_size(self) -> int:
+        return 4096
+
+    @property
+    def variant(self) -> str:
+        return "sparse" if self.file.allocated_size() < self._size else "full"
+
+    # -- data ----------------------------------------------------------------
+    def block_status(self, offset: int, length: int) -> tuple:
+        end = min(offset + length, self._size)
+        if offset >= end:
+            return Status.ZERO, length
+        data = self.file.next_data(offset)
+        if data > offset:
+            return Status.ZERO, min(data, end) - offset
+        hole = self.file.next_hole(offset)
+        return Status.DATA, max(1, min(hole, end) - offset)
+
+    def readinto(self, offset: int, buf) -> None:
+        self.file.readinto(offset, buf)
+
+    def write(self, offset: int, data) -> None:
+        if not self.writable:
+            raise VdError("image is opened read-only", self.path)
+        if offset + len(data) > self._size:
+            raise VdError(f"write past the end of the disk ({offset}+{len(data)} > {self._size})", self.path)
+        self.file.pwrite(offset, data)
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = True) -> None:
+        if not self.writable:
+            raise VdError("image is opened read-only", self.path)
+        if unmap and self.file.punch_hole(offset, length):
+            return
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(len(_ZERO_BLOCK), end - pos)
+            self.file.pwrite(pos, memoryview(_ZERO_BLOCK)[:n])
+            pos += n
+
+    def discard(self, offset: int, length: int) -> None:
+        self.write_zeroes(offset, length, unmap=True)
+
+    # -- whole image -----------------------------------------------------------
+    def resize(self, new_size: int) -> None:
+        if not self.writable:
+            raise VdError("image is opened read-only", self.path)
+        self.file.truncate(new_size)
+        self._size = new_size
+
+    def compact(self, progress: Progress = NO_PROGRESS) -> None:
+        """Punch holes where whole 64 KiB blocks read as zeros."""
+        bs = len(_ZERO_BLOCK)
+        buf = bytearray(bs)
+        pos = 0
+        while pos < self._size:
+            status, n = self.block_status(pos, self._size - pos)
+            if status == Status.DATA:
+                start = pos // bs * bs
+                end = pos + n
+                while start < end:
+                    m = min(bs, self._size - start)
+                    view = memoryview(buf)[:m]
+                    self.file.readinto(start, view)
+                    if view == _ZERO_BLOCK[:m]:
+                        self.file.punch_hole(start, m)
+                    start += bs
+                pos = start
+            else:
+                pos += n
+            progress.update(min(pos, self._size), self._size)
