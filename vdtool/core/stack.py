@@ -34,7 +34,7 @@ class ImageStack:
     def _reader_below(self, level: int):
         def read_below(offset: int, length: int) -> bytes:
             buf = bytearray(length)
-            self._readinto_layers(offset, memoryview(buf), level)
+            self.readinto_layers(offset, memoryview(buf), level)
             return bytes(buf)
 
         return read_below
@@ -87,7 +87,7 @@ class ImageStack:
         layers above ``base`` (an index; 0 means the whole chain)."""
         return self.block_status(offset, length, bottom=base)
 
-    def _readinto_layers(self, offset: int, buf: memoryview, top: int) -> None:
+    def readinto_layers(self, offset: int, buf: memoryview, top: int) -> None:
         """Read what layers ``0..top-1`` show into ``buf``."""
         pos = 0
         total = len(buf)
@@ -107,7 +107,7 @@ class ImageStack:
         if offset < 0 or offset + len(mv) > self.virtual_size:
             raise VdError(f"read of {len(mv)} bytes at offset {offset} is outside the disk "
                           f"(virtual size {self.virtual_size})", self.path)
-        self._readinto_layers(offset, mv, len(self.layers))
+        self.readinto_layers(offset, mv, len(self.layers))
 
     def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)

@@ -1,0 +1,159 @@
+"""The copy engine: moves a disk's content from one stack into another image.
+
+It walks extents from block_status (never byte by byte), reads DATA runs into
+one reused buffer, tests each destination block for zeros with a C-level
+compare (bytearray.startswith against a zero block: memcmp, no copy), and
+writes runs of non-zero blocks with one call.  Compression, where the
+destination offers it, runs in a thread pool (zlib releases the GIL) and is
+written in order."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+from vdtool.core.backend import Status
+from vdtool.core.digest import ContentDigest
+from vdtool.core.progress import NO_PROGRESS, Progress
+
+CHUNK = 4 << 20
+
+
+def _chunk_size(block: int) -> int:
+    return max(CHUNK // block, 1) * block
+
+
+class CopyStats:
+    def __init__(self):
+        self.data_bytes = 0
+        self.zero_bytes = 0
+        self.written_bytes = 0
+
+
+def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool = False,
+               digest: Optional[ContentDigest] = None, progress: Progress = NO_PROGRESS) -> CopyStats:
+    """Copy what ``src`` (an ImageStack) shows into ``dst`` (an ImageStack whose
+    top is the new image).  With ``base`` (a stack: the new image's parent)
+    only what differs from it is written.  ``write_zeros`` writes zero blocks
+    too (preallocated outputs)."""
+    size = src.virtual_size
+    top = dst.top
+    block = max(top.block_size, 512)
+    chunk = _chunk_size(block)
+    zero_block = bytes(block)
+    buf = bytearray(chunk)
+    base_buf = bytearray(chunk) if base is not None else None
+    stats = CopyStats()
+    compressor = None
+    pool = None
+    if compress:
+        compressor = getattr(top, "compress_block", None)
+        if compressor is None:
+            from vdtool.core.errors import NotSupported
+
+            raise NotSupported("compression", top.name, top.path)
+        pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
+    pending: list = []  # compressed blocks waiting to be written in order
+
+    def flush_pending():
+        if not pending:
+            return
+        results = pool.map(lambda item: compressor(item[1]), pending)
+        for (off, raw), comp in zip(pending, results):
+            top.write_compressed_block(off, comp, raw)
+        pending.clear()
+
+    def emit(off: int, n: int, has_base: bool) -> None:
+        """Write the blocks of buf[:n] (disk offset ``off``) that need writing:
+        non-zero ones, or with a base the ones that differ from it."""
+        run_start = None
+        for i in range(0, n, block):
+            k = min(block, n - i)
+            is_zero = buf.startswith(zero_block if k == block else zero_block[:k], i)
+            if has_base:
+                action = "skip" if buf.startswith(base_buf[i:i + k], i) else ("zero" if is_zero else "data")
+            else:
+                action = "skip" if is_zero and not write_zeros else "data"
+            if action == "data" and compressor is None:
+                if run_start is None:
+                    run_start = i
+                continue
+            if run_start is not None:
+                top.write(off + run_start, memoryview(buf)[run_start:i])
+                stats.written_bytes += i - run_start
+                run_start = None
+            if action == "zero":
+                top.write_zeroes(off + i, k, unmap=True)
+            elif action == "data":
+                pending.append((off + i, bytes(buf[i:i + k])))
+                stats.written_bytes += k
+                if len(pending) >= 64:
+                    flush_pending()
+        if run_start is not None:
+            top.write(off + run_start, memoryview(buf)[run_start:n])
+            stats.written_bytes += n - run_start
+
+    pos = 0
+    try:
+        while pos < size:
+            # stay aligned to the destination's blocks
+            limit = min(chunk - (pos % chunk), size - pos)
+            status, n, _ = src.block_status(pos, limit)
+            if status == Status.DATA:
+                if n < limit and (pos + n) % block:
+                    # round the run up to a whole block so a block is judged once
+                    n = min(limit, (pos + n + block - 1) // block * block - pos)
+                view = memoryview(buf)[:n]
+                src.readinto(pos, view)
+                if digest is not None:
+                    digest.update(view)
+                if base is not None:
+                    _read_clipped(base, pos, memoryview(base_buf)[:n])
+                emit(pos, n, base is not None)
+                stats.data_bytes += n
+            else:
+                if digest is not None:
+                    digest.update_zeros(n)
+                stats.zero_bytes += n
+                if base is not None:
+                    _zero_over_base(base, top, pos, n, base_buf)
+                elif write_zeros:
+                    top.write_zeroes(pos, n, unmap=False)
+            pos += n
+            progress.update(pos, size)
+        if pool is not None:
+            flush_pending()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    return stats
+
+
+def _read_clipped(stack, offset: int, view: memoryview) -> None:
+    """Read ``stack`` into ``view``; past its end reads as zeros."""
+    size = stack.virtual_size
+    n = len(view)
+    inside = max(0, min(n, size - offset))
+    if inside:
+        stack.readinto(offset, view[:inside])
+    if inside < n:
+        view[inside:] = bytes(n - inside)
+
+
+def _zero_over_base(base, top, pos: int, n: int, scratch: bytearray) -> None:
+    """The source reads zeros here: where the new image's parent does not,
+    record zeros in the new image."""
+    end = pos + n
+    size = base.virtual_size
+    while pos < end:
+        if pos >= size:
+            return
+        status, m, _ = base.block_status(pos, min(end, size) - pos)
+        if status == Status.DATA:
+            view = memoryview(scratch)[:min(m, len(scratch))]
+            m = len(view)
+            base.readinto(pos, view)
+            if not scratch.startswith(bytes(m)):
+                top.write_zeroes(pos, m, unmap=True)
+        pos += m

@@ -1,0 +1,38 @@
+"""check: metadata consistency, qemu-img's exit codes and JSON keys."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from vdtool.core.backend import Cap, CheckResult
+from vdtool.core.errors import ChainError, NotSupported, UsageError, VdError
+from vdtool.core.stack import open_backend, open_image
+
+EXIT_NO_CHECK = 63
+
+
+def check(path: str, fmt: Optional[str] = None, *, repair: Optional[str] = None, parent_search=(),
+          force: bool = False) -> CheckResult:
+    if repair not in (None, "leaks", "all"):
+        raise UsageError(f"--repair takes leaks or all, not {repair!r}")
+    img = open_backend(path, fmt, writable=repair is not None)
+    try:
+        if not img.capabilities & Cap.CHECK:
+            raise NotSupported("check", img.name, path)
+        if repair and not img.capabilities & Cap.REPAIR:
+            raise NotSupported("repair", img.name, path)
+        result = img.check(repair)
+        if repair:
+            img.flush()
+        parent = img.parent
+    finally:
+        img.close()
+    if parent is not None:
+        # the chain must be reachable and consistent too
+        try:
+            open_image(path, fmt, parent_search=parent_search, force=force).close()
+        except ChainError as e:
+            result.messages.append(f"warning: {e}")
+        except VdError as e:
+            result.messages.append(f"warning: parent cannot be opened: {e}")
+    return result

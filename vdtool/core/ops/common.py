@@ -1,0 +1,128 @@
+"""Helpers shared by the ops: output format choice, staging of new files,
+parent specs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from typing import Optional
+
+from vdtool.core import registry
+from vdtool.core.backend import ParentSpec, relative_parent_name
+from vdtool.core.errors import UsageError, VdError
+from vdtool.core.stack import ImageStack, open_image
+
+
+def output_format(path: str, fmt: Optional[str]) -> str:
+    """The format of a new image: as named, else by the file's extension."""
+    if fmt:
+        return registry.canonical_name(fmt)
+    guess = registry.format_for_extension(path)
+    if guess:
+        return guess
+    raise UsageError(f"{path}: cannot tell the output format from the file name; name one with -O/-f "
+                     f"(formats: {', '.join(registry.ALL_FORMATS)})")
+
+
+def backend_for_new_image(path: str, fmt: str, variant: Optional[str]):
+    backend = registry.get_backend(fmt, path)
+    if variant is not None and variant not in backend.variants:
+        raise UsageError(f"{fmt} has no variant {variant!r}; choose from {', '.join(backend.variants)}")
+    return backend
+
+
+def parse_option_pairs(pairs) -> dict:
+    """``-o KEY=VALUE`` (also comma-separated, as qemu-img takes them)."""
+    out: dict = {}
+    for item in pairs or ():
+        for part in str(item).split(","):
+            if not part:
+                continue
+            if "=" not in part:
+                raise UsageError(f"option {part!r} is not KEY=VALUE")
+            key, value = part.split("=", 1)
+            out[key.strip()] = value.strip()
+    return out
+
+
+def refuse_existing(path: str, force: bool) -> None:
+    if os.path.lexists(path) and not force:
+        raise VdError("already exists; use --force to overwrite it", path)
+    if os.path.isdir(path):
+        raise VdError("is a directory", path)
+
+
+@contextmanager
+def staged_output(final_path: str, force: bool):
+    """Yield a path in a private folder beside ``final_path`` (same
+    filesystem, same base name, so multi-file formats name their parts
+    right); on success every file made there is renamed into place, on
+    failure all of it is removed.  No half-written image ever carries the
+    final name."""
+    refuse_existing(final_path, force)
+    folder = os.path.dirname(os.path.abspath(final_path))
+    if not os.path.isdir(folder):
+        raise VdError("folder does not exist", folder)
+    stage = tempfile.mkdtemp(prefix=".vdtool-", dir=folder)
+    ok = False
+    try:
+        yield os.path.join(stage, os.path.basename(final_path))
+        ok = True
+    finally:
+        if ok:
+            names = os.listdir(stage)
+            for name in names:
+                target = os.path.join(folder, name)
+                if os.path.lexists(target) and os.path.abspath(target) != os.path.abspath(final_path) and not force:
+                    shutil.rmtree(stage, ignore_errors=True)
+                    raise VdError("already exists; use --force to overwrite it", target)
+            for name in names:
+                os.replace(os.path.join(stage, name), os.path.join(folder, name))
+            _fsync_dir(folder)
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def parent_spec(child_final_path: str, parent_stack: ImageStack) -> ParentSpec:
+    top = parent_stack.top
+    try:
+        mtime = os.stat(top.path).st_mtime
+    except OSError:
+        mtime = None
+    return ParentSpec(
+        path=top.path,
+        recorded_name=relative_parent_name(child_final_path, top.path),
+        format=top.name,
+        size=top.virtual_size,
+        uuid=top.uuid,
+        modification_uuid=getattr(top, "modification_uuid", None),
+        mtime=mtime,
+    )
+
+
+def open_parent(path: str, fmt: Optional[str], parent_search=(), force: bool = False) -> ImageStack:
+    return open_image(path, fmt, writable=False, parent_search=parent_search, force=force)
+
+
+def stack_over(parent: Optional[ImageStack], new_top) -> ImageStack:
+    """A stack of the new image on its parent's layers (owned by ``parent``)."""
+    return ImageStack((list(parent.layers) if parent else []) + [new_top])
+
+
+def same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)

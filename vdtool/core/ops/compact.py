@@ -1,0 +1,28 @@
+"""compact: release zero and unused blocks, close the holes, truncate."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from vdtool.core.backend import Cap
+from vdtool.core.errors import NotSupported
+from vdtool.core.progress import NO_PROGRESS, Progress
+from vdtool.core.stack import open_image
+
+
+def compact(path: str, fmt: Optional[str] = None, *, parent_search=(), force: bool = False,
+            progress: Progress = NO_PROGRESS) -> dict:
+    """Returns ``{"filename", "before", "after"}`` (bytes on disk)."""
+    stack = open_image(path, fmt, writable=True, parent_search=parent_search, force=force)
+    try:
+        top = stack.top
+        if not top.capabilities & Cap.COMPACT:
+            raise NotSupported("compact", top.name, path)
+        before = top.actual_size()
+        top.compact(progress)
+        top.flush()
+        after = top.actual_size()
+    finally:
+        stack.close()
+    progress.finish()
+    return {"filename": path, "before": before, "after": after}

@@ -1,0 +1,80 @@
+"""convert: what a source stack shows, flattened into a new image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from vdtool.core.backend import Cap
+from vdtool.core.copy import copy_stack
+from vdtool.core.digest import ContentDigest, digest_stack
+from vdtool.core.errors import NotSupported, UsageError, VdError
+from vdtool.core.ops.common import (backend_for_new_image, open_parent, output_format, parent_spec,
+                                    same_file, stack_over, staged_output)
+from vdtool.core.progress import NO_PROGRESS, Progress
+from vdtool.core.stack import open_image
+
+
+@dataclass
+class ConvertResult:
+    filename: str
+    format: str
+    virtual_size: int
+    source_digest: Optional[str] = None
+    output_digest: Optional[str] = None
+    written_bytes: int = 0
+
+
+PREALLOCATED_VARIANTS = {"full", "fixed", "metadata", "monolithicFlat", "twoGbMaxExtentFlat", "vmfs"}
+
+
+def convert(src: str, dst: str, *, src_format: Optional[str] = None, fmt: Optional[str] = None,
+            variant: Optional[str] = None, block_size: Optional[int] = None, compress: bool = False,
+            parent: Optional[str] = None, parent_format: Optional[str] = None, options: Optional[dict] = None,
+            verify: bool = False, force: bool = False, parent_search=(), force_share: bool = False,
+            progress: Progress = NO_PROGRESS) -> ConvertResult:
+    name = output_format(dst, fmt)
+    backend = backend_for_new_image(dst, name, variant)
+    opts = backend.parse_options(dict(options or {}))
+    if compress and not backend.capabilities & Cap.COMPRESS:
+        raise NotSupported("compression (-c)", name, dst)
+    if same_file(src, dst):
+        raise VdError("source and destination are the same file", dst)
+    source = open_image(src, src_format, parent_search=parent_search)
+    pstack = None
+    try:
+        spec = None
+        if parent:
+            if not backend.capabilities & Cap.DIFF:
+                raise NotSupported("a parent image", name, dst)
+            pstack = open_parent(parent, parent_format, parent_search)
+            spec = parent_spec(dst, pstack)
+        size = source.virtual_size
+        digest = ContentDigest() if verify else None
+        copy_part = progress.sub(0, 80 if verify else 100)
+        with staged_output(dst, force) as tmp:
+            img = backend.create(tmp, size, variant=variant, block_size=block_size, parent=spec, options=opts)
+            try:
+                out = stack_over(pstack, img)
+                stats = copy_stack(source, out, base=pstack, compress=compress,
+                                   write_zeros=False, digest=digest, progress=copy_part)
+                img.flush()
+            finally:
+                img.close()
+            result = ConvertResult(dst, name, size, written_bytes=stats.written_bytes)
+            if verify:
+                result.source_digest = digest.hexdigest()
+                check_img = backend.open(tmp)
+                try:
+                    result.output_digest = digest_stack(stack_over(pstack, check_img), progress.sub(80, 20))
+                finally:
+                    check_img.close()
+                if result.output_digest != result.source_digest:
+                    raise VdError(f"verification failed: source digest {result.source_digest}, "
+                                  f"written image digest {result.output_digest}", dst)
+        progress.finish(size)
+        return result
+    finally:
+        source.close()
+        if pstack is not None:
+            pstack.close()

@@ -1,0 +1,52 @@
+"""create: a new empty image, optionally an overlay over a parent."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from vdtool.core.backend import Cap
+from vdtool.core.errors import NotSupported, UsageError
+from vdtool.core.ops.common import (backend_for_new_image, open_parent, output_format, parent_spec,
+                                    staged_output)
+from vdtool.core.progress import NO_PROGRESS, Progress
+
+
+def create(path: str, size: Optional[int] = None, *, fmt: Optional[str] = None, variant: Optional[str] = None,
+           block_size: Optional[int] = None, parent: Optional[str] = None, parent_format: Optional[str] = None,
+           uuid: Optional[str] = None, comment: Optional[str] = None, options: Optional[dict] = None,
+           force: bool = False, parent_search=(), progress: Progress = NO_PROGRESS) -> dict:
+    """Create ``path``; returns ``{"filename", "format", "virtual-size"}``."""
+    name = output_format(path, fmt)
+    backend = backend_for_new_image(path, name, variant)
+    opts = backend.parse_options(dict(options or {}))
+    for key, value in (("uuid", uuid), ("comment", comment)):
+        if value is not None:
+            if key not in opts:
+                raise UsageError(f"--{key} is not supported for {name} images")
+            opts[key] = value
+    pstack = None
+    try:
+        spec = None
+        if parent:
+            if not backend.capabilities & Cap.DIFF:
+                raise NotSupported("a parent image", name, path)
+            pstack = open_parent(parent, parent_format, parent_search)
+            spec = parent_spec(path, pstack)
+            if size is None:
+                size = pstack.virtual_size
+        if size is None:
+            raise UsageError("a size is needed (or --parent to take the parent's)")
+        if size < 0:
+            raise UsageError(f"size {size} is negative")
+        with staged_output(path, force) as tmp:
+            img = backend.create(tmp, size, variant=variant, block_size=block_size, parent=spec, options=opts,
+                                 progress=progress)
+            try:
+                img.flush()
+            finally:
+                img.close()
+        progress.finish()
+        return {"filename": path, "format": name, "virtual-size": size}
+    finally:
+        if pstack is not None:
+            pstack.close()

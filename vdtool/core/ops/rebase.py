@@ -1,0 +1,90 @@
+"""rebase: change an image's parent; safe mode keeps what it reads."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from vdtool.core.backend import Cap, Status
+from vdtool.core.errors import NotSupported, UsageError
+from vdtool.core.ops.common import open_parent, parent_spec
+from vdtool.core.progress import NO_PROGRESS, Progress
+from vdtool.core.stack import ImageStack, open_image
+
+
+def rebase(image: str, new_parent: Optional[str], *, parent_format: Optional[str] = None, unsafe: bool = False,
+           fmt: Optional[str] = None, parent_search=(), force: bool = False,
+           progress: Progress = NO_PROGRESS) -> dict:
+    """``new_parent`` None or "" makes the image stand alone."""
+    stack = open_image(image, fmt, writable=True, parent_search=parent_search, force=force or unsafe,
+                       chain=not unsafe)
+    newp = None
+    try:
+        top = stack.top
+        if not top.capabilities & Cap.DIFF:
+            raise NotSupported("rebase", top.name, image, "the format cannot record a parent")
+        if new_parent:
+            newp = open_parent(new_parent, parent_format, parent_search)
+            for layer in newp.layers:
+                if _same(layer.path, top.path):
+                    raise UsageError(f"{new_parent} has {image} in its own chain: that would make a loop")
+        if not unsafe:
+            _copy_differences(stack, newp, progress.sub(0, 95))
+            top.flush()
+        top.set_parent(parent_spec(top.path, newp) if newp is not None else None)
+        top.flush()
+    finally:
+        stack.close()
+        if newp is not None:
+            newp.close()
+    progress.finish()
+    return {"filename": image, "parent": new_parent or None}
+
+
+def _same(a: str, b: str) -> bool:
+    import os
+
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _copy_differences(stack: ImageStack, newp: Optional[ImageStack], progress: Progress) -> None:
+    """Where the top holds nothing and the old and new parents differ, copy
+    the old parent's data into the top."""
+    top = stack.top
+    size = top.virtual_size
+    block = max(top.block_size, 4096)
+    chunk = max((4 << 20) // block, 1) * block
+    old_buf = bytearray(chunk)
+    new_buf = bytearray(chunk)
+    levels = len(stack.layers) - 1
+    pos = 0
+    while pos < size:
+        n = min(chunk - pos % chunk, size - pos)
+        status, n = top.block_status(pos, n)
+        if status != Status.UNALLOCATED:
+            pos += n
+            progress.update(pos, size)
+            continue
+        old_view = memoryview(old_buf)[:n]
+        stack.readinto_layers(pos, old_view, levels)
+        new_view = memoryview(new_buf)[:n]
+        if newp is not None:
+            inside = max(0, min(n, newp.virtual_size - pos))
+            if inside:
+                newp.readinto(pos, new_view[:inside])
+            new_view[inside:] = bytes(n - inside)
+        else:
+            new_view[:] = bytes(n)
+        i = 0
+        while i < n:
+            k = min(block - (pos + i) % block, n - i)
+            if old_buf[i:i + k] != new_buf[i:i + k]:
+                if old_buf.startswith(bytes(k), i):
+                    top.write_zeroes(pos + i, k, unmap=True)
+                else:
+                    top.write(pos + i, old_view[i:i + k])
+            i += k
+        pos += n
+        progress.update(pos, size)
