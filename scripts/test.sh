@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Run vdtool's whole test suite, on a fresh machine in a fresh clone.
+#
+#   ./scripts/test.sh                 # everything but the slow tests
+#   ./scripts/test.sh -m slow         # the slow ones (fuzz, big images)
+#   ./scripts/test.sh tests/test_cli.py -k resize
+#
+# 1. Installs the peer tools the interop tests are judged by (qemu-img,
+#    qemu-io, the libyal readers) with apt-get when qemu-img is missing and
+#    root or password-less sudo is available; otherwise it says what to do
+#    (outside CI those tests then skip; in CI, CI=true, they fail).
+# 2. Installs vdtool with its test extras (pip install -e '.[test]') into
+#    the current Python when its dependencies are missing; where that Python
+#    refuses (no pip, or an "externally managed" system Python) it uses a
+#    virtual environment .venv in the repo instead.
+# 3. Runs pytest; extra arguments go to pytest.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY="${PYTHON:-python3}"
+
+note() { echo "test.sh: $*" >&2; }
+
+# -- 1. peer tools ---------------------------------------------------------------
+if ! command -v qemu-img >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+            SUDO="sudo -n"
+        else
+            SUDO="none"
+        fi
+    fi
+    if [ "$SUDO" != "none" ] && command -v apt-get >/dev/null 2>&1; then
+        note "installing qemu-utils and the libyal tools with apt-get"
+        export DEBIAN_FRONTEND=noninteractive
+        $SUDO apt-get update -q || note "apt-get update failed; trying the install anyway"
+        $SUDO apt-get install -y -q qemu-utils || note "could not install qemu-utils"
+        for pkg in libvhdi-utils libvmdk-utils libqcow-utils; do
+            $SUDO apt-get install -y -q "$pkg" || note "could not install $pkg (its interop tests will skip)"
+        done
+    else
+        note "qemu-img is not installed and I cannot install it (need root or sudo, and apt-get)."
+        note "Install it yourself: sudo apt-get install qemu-utils libvhdi-utils libvmdk-utils libqcow-utils"
+        note "(Debian/Ubuntu; on Fedora: dnf install qemu-img libvhdi-tools libvmdk-tools libqcow-tools)."
+        note "Without it the interop tests skip (outside CI) or fail (CI=true)."
+    fi
+fi
+
+# -- 2. Python dependencies ---------------------------------------------------------
+has_deps() {
+    "$1" - <<'PYEOF' 2>/dev/null
+import importlib.util, sys
+if sys.version_info < (3, 10):
+    sys.exit(1)
+mods = ["click", "rich", "tqdm", "xxhash", "pytest", "hypothesis"]
+sys.exit(1 if any(importlib.util.find_spec(m) is None for m in mods) else 0)
+PYEOF
+}
+
+if ! command -v "$PY" >/dev/null 2>&1; then
+    note "$PY not found: install Python 3.10 or newer (or set PYTHON=/path/to/python)"
+    exit 1
+fi
+
+if ! has_deps "$PY"; then
+    if [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ] && has_deps .venv/bin/python; then
+        PY=.venv/bin/python
+    else
+        note "installing vdtool with its test extras: $PY -m pip install -e '.[test]'"
+        if ! "$PY" -m pip install -q -e '.[test]'; then
+            note "this Python refuses pip installs; using a virtual environment in .venv"
+            if [ ! -x .venv/bin/python ]; then
+                "$PY" -m venv .venv || {
+                    note "cannot create .venv: install the venv module (Debian/Ubuntu: apt-get install python3-venv)"
+                    exit 1
+                }
+            fi
+            PY=.venv/bin/python
+            "$PY" -m pip install -q -e '.[test]'
+        fi
+    fi
+fi
+
+# -- 3. the tests ------------------------------------------------------------------
+exec "$PY" -m pytest -q "$@"

@@ -1,0 +1,126 @@
+"""The vdtool command line: a click group whose subcommands live one per
+module in vdtool/commands and are imported only when used, so that
+``vdtool --version`` imports no command, no format, no rich and no tqdm.
+
+Errors are turned into one line on stderr here, in one place:
+``vdtool: error: MESSAGE``."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from vdtool import __version__
+
+COMMANDS = ("create", "info", "convert", "compact", "resize", "merge", "discard", "check", "rebase")
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip()) or "(no message)"
+
+
+def _error(message: str) -> None:
+    try:
+        click.echo(f"vdtool: error: {_one_line(message)}", err=True)
+    except Exception:
+        pass
+
+
+def _quiet_broken_pipe() -> None:
+    """stdout went away (``vdtool info x | head -1``): no more output."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except Exception:
+        pass
+
+
+class LazyGroup(click.Group):
+    """Loads ``vdtool.commands.<name>`` only when the command is needed,
+    and maps every exception a command raises to one error line."""
+
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module = importlib.import_module(f"vdtool.commands.{name}")
+        return module.command
+
+    def invoke(self, ctx):
+        debug = bool(ctx.params.get("debug"))
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            _error("interrupted")
+            ctx.exit(130)
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+            ctx.exit(1)
+        except Exception as e:  # noqa: BLE001 -- this is the one place errors are reported
+            from vdtool.core.errors import VdError
+
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            if isinstance(e, VdError):
+                _error(str(e))
+                ctx.exit(getattr(e, "exit_code", 1))
+            if isinstance(e, OSError):
+                what = e.strerror or str(e)
+                if e.filename is not None:
+                    what = f"{e.filename}: {what}"
+                    if e.filename2 is not None:
+                        what = f"{e.filename} -> {e.filename2}: {e.strerror or e}"
+                _error(what)
+                ctx.exit(1)
+            hint = "" if debug else " (run with --debug for the traceback)"
+            _error(f"internal error: {type(e).__name__}: {_one_line(e)}{hint}")
+            ctx.exit(1)
+
+
+EPILOG = """\b
+Examples:
+  vdtool create disk.qcow2 10G
+  vdtool create -b base.qcow2 overlay.qcow2
+  vdtool info --output json disk.qcow2
+  vdtool convert -p disk.vmdk disk.qcow2
+  vdtool resize disk.qcow2 +1G
+  vdtool check disk.qcow2
+
+\b
+Exit status:
+  0    success
+  1    error (one line on stderr: vdtool: error: MESSAGE)
+  2    usage error
+  130  interrupted (Ctrl-C)
+  check has its own: 2 corruptions, 3 leaks only, 63 no check for the format"""
+
+
+@click.group(cls=LazyGroup, context_settings=CONTEXT_SETTINGS, epilog=EPILOG)
+@click.version_option(__version__, "--version", prog_name="vdtool", message="%(prog)s %(version)s",
+                      help="Show the version and exit.")
+@click.option("--debug", is_flag=True, envvar="VDTOOL_DEBUG", show_envvar=True,
+              help="Show a traceback when something goes wrong (for bug reports).")
+def main(debug: bool) -> None:
+    """vdtool: create, inspect, convert and maintain virtual disk images.
+
+    Formats: raw and qcow2 work; qcow, qed, vdi, vmdk, vhd (also called vpc),
+    vhdx, parallels and dmg are recognised and refused with "not implemented
+    yet".  Sizes are bytes or a number with a binary suffix (K M G T P E,
+    also KiB, MiB ...): 512, 64K, 10G, 1.5T.  An input image's format is
+    probed from its content, never from its name, unless -f names one.  Run
+    'vdtool COMMAND --help' for a command's options and examples."""

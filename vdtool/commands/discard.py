@@ -1,0 +1,44 @@
+"""vdtool discard"""
+
+from __future__ import annotations
+
+import click
+
+from vdtool.commands._common import (CONTEXT_SETTINGS, RANGE, format_option, image_options, long_operation,
+                                     progress_options, refuse_untrusted, say)
+
+EPILOG = """\b
+Examples:
+  vdtool discard disk.qcow2 0:1M            # the first MiB reads as zeros
+  vdtool discard disk.img 1G:512M 4G:64K    # several ranges
+  vdtool discard --zeroes disk.qcow2        # release every all-zero block
+  vdtool discard --zeroes disk.vdi && vdtool compact disk.vdi"""
+
+
+@click.command("discard", context_settings=CONTEXT_SETTINGS, epilog=EPILOG,
+               short_help="Make ranges read as zeros and release their blocks.")
+@format_option()
+@click.option("--zeroes", is_flag=True,
+              help="Find every block that reads as zeros and release it (the data does not change).")
+@progress_options
+@image_options
+@click.argument("file", metavar="FILE", type=click.Path(dir_okay=True))
+@click.argument("ranges", nargs=-1, metavar="[RANGE]...", type=RANGE)
+def command(file, ranges, fmt, zeroes, show_progress, quiet, parent_search, untrusted):
+    """Discard ranges of the image FILE.
+
+    RANGE is OFFSET:LENGTH, both sizes (1M:64K).  Afterwards the ranges read
+    as zeros; whole blocks are released where the format can, partial blocks
+    are zero-filled.  Give RANGEs, --zeroes, or both.  In a differencing image
+    a discarded range still reads as zeros, not as the parent's data."""
+    if not ranges and not zeroes:
+        raise click.UsageError("name at least one RANGE (OFFSET:LENGTH) or --zeroes")
+    refuse_untrusted(untrusted)
+    from vdtool.core.ops.discard import discard
+    from vdtool.core.sizes import format_size
+
+    with long_operation("Discarding", quiet=quiet, show_progress=show_progress) as progress:
+        result = discard(file, list(ranges), zeroes=zeroes, fmt=fmt, parent_search=parent_search,
+                         progress=progress)
+    n = result.get("discarded-bytes", 0)
+    say(quiet, f"Discarded {n} bytes ({format_size(n)}) of '{file}'")

@@ -1,0 +1,44 @@
+"""vdtool info"""
+
+from __future__ import annotations
+
+import click
+
+from vdtool.commands._common import (CONTEXT_SETTINGS, force_share_option, format_option, image_options,
+                                     output_option, print_json, refuse_untrusted)
+
+EPILOG = """\b
+Examples:
+  vdtool info disk.qcow2
+  vdtool info --chain overlay.qcow2         # the overlay and every parent
+  vdtool info --output json disk.vmdk | jq '.["virtual-size"]'"""
+
+
+@click.command("info", context_settings=CONTEXT_SETTINGS, epilog=EPILOG,
+               short_help="Show what an image is: format, sizes, parent, ...")
+@format_option()
+@click.option("--chain", is_flag=True,
+              help="Report every image from FILE down to its base image (JSON: a list under 'chain').")
+@output_option
+@force_share_option
+@image_options
+@click.argument("file", metavar="FILE", type=click.Path(dir_okay=True))
+def command(file, fmt, chain, output, force_share, parent_search, untrusted):
+    """Show facts about the image FILE.
+
+    Format, variant, virtual size, size on disk, cluster (block) size, UUID,
+    parent (name, format, UUID) and whether it was found, dirty flag and
+    format-specific fields.  A missing parent is reported, not an error.
+    JSON output uses qemu-img's key names (filename, format, virtual-size,
+    actual-size, cluster-size, backing-filename, ...), so scripts written for
+    'qemu-img info --output=json' keep working."""
+    refuse_untrusted(untrusted)
+    from vdtool.core.ops.info import human_lines, info
+
+    result = info(file, fmt, chain=chain, parent_search=parent_search)
+    if output == "json":
+        print_json(result)
+        return
+    images = result["chain"] if chain else [result]
+    blocks = ["\n".join(human_lines(d)) for d in images]
+    click.echo("\n\n".join(blocks))

@@ -1,0 +1,45 @@
+"""vdtool rebase"""
+
+from __future__ import annotations
+
+import click
+
+from vdtool.commands._common import (CONTEXT_SETTINGS, FORMAT, format_option, image_options, long_operation,
+                                     progress_options, refuse_untrusted, say)
+
+EPILOG = """\b
+Examples:
+  vdtool rebase -b new-base.qcow2 overlay.qcow2     # overlay reads exactly as before
+  vdtool rebase -u -b moved/base.qcow2 overlay.qcow2 # the parent was moved: fix the name only
+  vdtool rebase -b "" overlay.qcow2                 # make overlay stand alone"""
+
+
+@click.command("rebase", context_settings=CONTEXT_SETTINGS, epilog=EPILOG,
+               short_help="Change an image's parent.")
+@format_option("Format of IMAGE (default: probed from its content).")
+@click.option("-b", "--parent", "parent", metavar="NEWPARENT", required=True,
+              help="The new parent image; an empty string (-b \"\") makes IMAGE stand alone.")
+@click.option("-F", "--parent-format", "parent_format", type=FORMAT, default=None,
+              help="Format of NEWPARENT (default: probed).")
+@click.option("-u", "--unsafe", is_flag=True,
+              help="Only rewrite the parent reference, copy no data (for a parent that was moved or "
+                   "renamed, or one known to hold the same data).")
+@progress_options
+@image_options
+@click.argument("image", metavar="IMAGE", type=click.Path(dir_okay=True))
+def command(image, fmt, parent, parent_format, unsafe, show_progress, quiet, parent_search, untrusted):
+    """Change the parent of the image IMAGE to NEWPARENT.
+
+    In safe mode (the default) every range where the old and the new parent
+    differ is first copied into IMAGE, so that IMAGE reads exactly as before.
+    With -u only the reference is rewritten."""
+    refuse_untrusted(untrusted)
+    from vdtool.core.ops.rebase import rebase
+
+    with long_operation("Rebasing", quiet=quiet, show_progress=show_progress) as progress:
+        rebase(image, parent or None, parent_format=parent_format, unsafe=unsafe, fmt=fmt,
+               parent_search=parent_search, progress=progress)
+    if parent:
+        say(quiet, f"Rebased '{image}' onto '{parent}'" + (" (unsafe: reference only)" if unsafe else ""))
+    else:
+        say(quiet, f"'{image}' now stands alone (no parent)")
