@@ -5,8 +5,6 @@ fault injection, crash points) without touching the formats."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -24,6 +22,9 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     """fallocate(2) with a mode; False when the kernel/filesystem says no."""
     global _libc
     if _libc is None:
+        import ctypes  # only when a hole is punched: ctypes.util costs start-up time
+        import ctypes.util
+
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
             _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -32,6 +33,8 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     if not _libc:
         return False
     if _libc.fallocate(fd, mode, offset, length) != 0:
+        import ctypes
+
         err = ctypes.get_errno()
         if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             return False

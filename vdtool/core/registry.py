@@ -63,8 +63,17 @@ def get_backend(name: str, path: str | None = None):
     spec = BUILTIN.get(n) or _plugin_specs().get(n)
     if spec is None:
         raise NotImplementedFormat(n, path)
-    module, cls = spec.split(":")
-    backend = getattr(importlib.import_module(module), cls)
+    module, _, cls = spec.partition(":")
+    if n in BUILTIN:
+        backend = getattr(importlib.import_module(module), cls)
+    else:
+        # A broken third-party plugin must not break vdtool: probing asks
+        # every backend, so an ImportError here used to be a traceback for
+        # every file.  Report it as a VdError naming the plugin instead.
+        try:
+            backend = getattr(importlib.import_module(module), cls)
+        except Exception as e:
+            raise VdError(f"the {n} format plugin ({spec}) cannot be loaded: {e}", path) from None
     _loaded[n] = backend
     return backend
 
@@ -76,7 +85,7 @@ def format_for_extension(path: str) -> str | None:
 
 def _magic_scores(head: bytes, tail: bytes, size: int) -> dict:
     """Scores for formats recognised by magic alone (those without a backend
-    yet); a backend's own probe replaces its entry once it exists."""
+    yet); a backend's own probe can raise its entry, never lower it."""
     s = {}
     if head[:4] == b"QFI\xfb" and len(head) >= 8:
         version = struct.unpack(">I", head[4:8])[0]
@@ -124,7 +133,12 @@ def probe_scores(path: str) -> dict:
             backend = get_backend(name)
         except VdError:
             continue
-        scores[name] = backend.probe(head, tail, size)
+        # A backend may be surer than the magic, never less sure: a qcow2
+        # magic with a version the backend does not know (4) used to drop
+        # to raw, and opening a real image as raw lets writes destroy it.
+        # Recognised by magic, it is now opened by its backend, which
+        # refuses it with a VdError naming the version.
+        scores[name] = max(scores.get(name, 0), backend.probe(head, tail, size))
     return {k: v for k, v in scores.items() if v > 0}
 
 

@@ -67,9 +67,18 @@ def staged_output(final_path: str, force: bool):
         raise VdError("folder does not exist", folder)
     stage = tempfile.mkdtemp(prefix=".vdtool-", dir=folder)
     ok = False
+    staged = os.path.join(stage, os.path.basename(final_path))
     try:
-        yield os.path.join(stage, os.path.basename(final_path))
+        yield staged
         ok = True
+    except VdError as e:
+        # messages must name the user's file, not the staging folder
+        if e.path and os.path.abspath(e.path).startswith(stage):
+            name = final_path if os.path.abspath(e.path) == staged else os.path.join(
+                folder, os.path.relpath(os.path.abspath(e.path), stage))
+            e.args = (str(e).replace(e.path, name, 1),) + e.args[1:]
+            e.path = name
+        raise
     finally:
         if ok:
             names = os.listdir(stage)
