@@ -110,6 +110,8 @@ class ImageStack:
         self.readinto_layers(offset, mv, len(self.layers))
 
     def read(self, offset: int, length: int) -> bytes:
+        if length < 0:  # bytearray(-1) would raise ValueError, not a VdError
+            raise VdError(f"read of {length} bytes at offset {offset}: negative length", self.path)
         buf = bytearray(length)
         self.readinto(offset, buf)
         return bytes(buf)
@@ -172,21 +174,45 @@ def _zeros(n: int):
 # -- opening --------------------------------------------------------------------
 
 def resolve_parent_path(child_path: str, ref: ParentRef, search_dirs=()) -> Optional[str]:
-    """Where the parent named by ``ref`` lives: absolute as recorded, else
-    relative to the child's folder (how QEMU and VirtualBox resolve it), then
-    the extra search folders."""
-    if not ref.filename:
-        return None
-    name = ref.filename
-    if os.path.isabs(name):
-        return name
-    candidates = [os.path.join(os.path.dirname(os.path.abspath(child_path)), name)]
-    candidates += [os.path.join(d, name) for d in search_dirs]
-    candidates += [os.path.join(d, os.path.basename(name)) for d in search_dirs]
+    """Where the parent named by ``ref`` lives.
+
+    Names are tried in order: ``ref.filename`` then ``ref.extra["candidates"]``
+    (VHD's relative and absolute locators, say); an absolute name is used as
+    is, a relative one is taken from the child's folder (how QEMU and
+    VirtualBox resolve it), then from the ``search_dirs``.  A parent named
+    only by UUID (VDI) is looked up by ``vdtool.core.locate``.  Returns the
+    first path that exists, else the first candidate (for messages), else None."""
+    names = [n for n in [ref.filename, *ref.extra.get("candidates", ())] if n]
+    child_dir = os.path.dirname(os.path.abspath(child_path))
+    candidates = []
+    for name in names:
+        if os.path.isabs(name):
+            candidates.append(name)
+            continue
+        candidates.append(os.path.join(child_dir, name))
+        candidates += [os.path.join(d, name) for d in search_dirs]
+        candidates += [os.path.join(d, os.path.basename(name)) for d in search_dirs]
     for c in candidates:
         if os.path.exists(c):
             return c
-    return candidates[0]
+    if not names and ref.uuid:
+        from vdtool.core import locate
+
+        return locate.find_by_uuid(child_path, ref, search_dirs)
+    return candidates[0] if candidates else None
+
+
+def check_parent_identity(child, parent, ref: ParentRef) -> Optional[str]:
+    """Why ``parent`` is not the image ``ref`` names, or None when it is.
+    Compares the UUID, then every attribute in ``ref.extra["expect"]``
+    (VDI's modification UUID, VMDK's CID, VHD's timestamp...)."""
+    if ref.uuid and parent.uuid and ref.uuid.lower() != parent.uuid.lower():
+        return f"parent {parent.path} has UUID {parent.uuid} but the image expects {ref.uuid}"
+    for attr, expected in ref.extra.get("expect", {}).items():
+        actual = getattr(parent, attr, None)
+        if actual is not None and expected is not None and str(actual).lower() != str(expected).lower():
+            return f"parent {parent.path} has {attr.replace('_', ' ')} {actual} but the image expects {expected}"
+    return None
 
 
 def open_backend(path: str, fmt: Optional[str] = None, *, writable: bool = False) -> ImageBackend:
@@ -232,9 +258,9 @@ def open_image(path: str, fmt: Optional[str] = None, *, writable: bool = False, 
             seen.add(fid)
             parent = open_backend(ppath, ref.format, writable=False)
             layers.append(parent)
-            if ref.uuid and parent.uuid and ref.uuid != parent.uuid and not force:
-                raise ChainError(f"parent {ppath} has UUID {parent.uuid} but the image expects {ref.uuid}",
-                                 current.path)
+            mismatch = check_parent_identity(current, parent, ref)
+            if mismatch and not force:
+                raise ChainError(mismatch + " (--force reads it anyway)", current.path)
             current = parent
     except BaseException:
         for layer in layers:
