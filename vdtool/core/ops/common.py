@@ -118,6 +118,7 @@ def parent_spec(child_final_path: str, parent_stack: ImageStack) -> ParentSpec:
         uuid=top.uuid,
         modification_uuid=getattr(top, "modification_uuid", None),
         mtime=mtime,
+        image=top,
     )
 
 
