@@ -62,6 +62,9 @@ class ParentSpec:
     uuid: Optional[str] = None
     modification_uuid: Optional[str] = None
     mtime: Optional[float] = None
+    # The parent's opened top image, for format facts a child records
+    # (VMDK's CID, VHD's timestamp); read it, never write or close it.
+    image: Optional["ImageBackend"] = None
 
 
 @dataclass
@@ -77,6 +80,15 @@ class FormatOption:
     def parse(self, value: str, fmt: str) -> Any:
         from vdtool.core.sizes import parse_size
 
+        # Python callers (ops.create(options={...})) pass typed values, the
+        # CLI passes strings: a bool or int used to hit value.lower() /
+        # int(value, 0) and escape as AttributeError/TypeError.
+        if isinstance(value, bool) and self.type is bool:
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and self.type in (int, "size"):
+            return value
+        if not isinstance(value, str):
+            raise UsageError(f"{fmt} option {self.name}: invalid value {value!r} ({self.help})")
         try:
             if self.type is bool:
                 v = value.lower()
@@ -256,6 +268,22 @@ class ImageBackend:
     def discard(self, offset: int, length: int) -> None:
         """Release what can be released; afterwards the range reads as zeros."""
         self.write_zeroes(offset, length, unmap=True)
+
+    # -- compression (Cap.COMPRESS) -------------------------------------------
+    # The copy engine (vdtool.core.copy) compresses whole blocks in a thread
+    # pool with compress_block and writes them, in order, with
+    # write_compressed_block.  These two hooks were only implied by copy.py;
+    # they are declared here so every format implements the same names.
+    def compress_block(self, data) -> Optional[bytes]:
+        """Compress one whole block (``block_size`` bytes at a block-aligned
+        offset, or the short last block); None when it does not get smaller.
+        Runs in worker threads: no I/O, no shared state."""
+        raise NotSupported("compression", self.name, self.path)
+
+    def write_compressed_block(self, offset: int, compressed: Optional[bytes], data) -> None:
+        """Store one block given compressed (from compress_block) and plain
+        (``data``, stored as is when ``compressed`` is None)."""
+        raise NotSupported("compression", self.name, self.path)
 
     def flush(self) -> None:
         self.file.flush()

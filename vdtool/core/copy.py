@@ -13,7 +13,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-from vdtool.core.backend import Status
+from vdtool.core.backend import Cap, Status
 from vdtool.core.digest import ContentDigest
 from vdtool.core.progress import NO_PROGRESS, Progress
 
@@ -48,11 +48,11 @@ def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool
     compressor = None
     pool = None
     if compress:
-        compressor = getattr(top, "compress_block", None)
-        if compressor is None:
+        if not top.capabilities & Cap.COMPRESS:
             from vdtool.core.errors import NotSupported
 
             raise NotSupported("compression", top.name, top.path)
+        compressor = top.compress_block  # declared in ImageBackend
         pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
     pending: list = []  # compressed blocks waiting to be written in order
 
@@ -100,6 +100,18 @@ def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool
             # stay aligned to the destination's blocks
             limit = min(chunk - (pos % chunk), size - pos)
             status, n, _ = src.block_status(pos, limit)
+            if status != Status.DATA and n < limit and (pos + n) % block:
+                # A zero run that ends inside a destination block (a raw
+                # source reports 4 KiB holes, the output may have 64 KiB
+                # clusters) must not leave ``pos`` unaligned: emit() judges
+                # and compresses whole blocks from ``pos``, and a compressed
+                # cluster written at an unaligned offset is wrong.  Skip only
+                # whole blocks of zeros; the partial block is read as data.
+                aligned = (pos + n) // block * block - pos
+                if aligned > 0:
+                    n = aligned
+                else:
+                    status = Status.DATA
             if status == Status.DATA:
                 if n < limit and (pos + n) % block:
                     # round the run up to a whole block so a block is judged once

@@ -32,10 +32,11 @@ class ContentDigest:
         return self._h.hexdigest()
 
 
-def digest_stack(stack, progress: Progress = NO_PROGRESS) -> str:
-    """xxh3-128 of everything ``stack`` shows, walking extents."""
+def digest_stack(stack, progress: Progress = NO_PROGRESS, size=None) -> str:
+    """xxh3-128 of everything ``stack`` shows (or of its first ``size``
+    bytes), walking extents."""
     d = ContentDigest()
-    size = stack.virtual_size
+    size = stack.virtual_size if size is None else min(size, stack.virtual_size)
     buf = bytearray(CHUNK)
     pos = 0
     while pos < size:

@@ -60,7 +60,19 @@ class ImageFile:
             st = os.stat(path) if not create else None
             if st is not None and stat.S_ISDIR(st.st_mode):
                 raise VdError("is a directory, not an image file", path)
-            self.fd = os.open(path, flags, 0o644)
+            # Opening a FIFO blocks until a writer comes: a parent named
+            # "pipe" (or /proc/self/fd/0) used to hang vdtool info forever.
+            # Refuse FIFOs and sockets; O_NONBLOCK covers a swap between
+            # the stat and the open (no effect on files and devices).
+            if st is not None and (stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode)):
+                raise VdError("is a pipe or socket, not an image file", path)
+            self.fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o644)
+            mode = os.fstat(self.fd).st_mode
+            if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+                os.close(self.fd)
+                raise VdError("is a pipe or socket, not an image file", path)
+            if hasattr(os, "set_blocking"):
+                os.set_blocking(self.fd, True)
         except FileNotFoundError:
             raise VdError("no such file", path) from None
         except IsADirectoryError:

@@ -66,7 +66,17 @@ def convert(src: str, dst: str, *, src_format: Optional[str] = None, fmt: Option
                 result.source_digest = digest.hexdigest()
                 check_img = backend.open(tmp)
                 try:
-                    result.output_digest = digest_stack(stack_over(pstack, check_img), progress.sub(80, 20))
+                    written = stack_over(pstack, check_img)
+                    # A format may round the size up (qcow2 keeps whole
+                    # sectors, as qemu-img does): digest the source's size and
+                    # require the padding to read as zeros, else --verify of an
+                    # odd-sized raw source could never succeed.
+                    result.output_digest = digest_stack(written, progress.sub(80, 20), size=size)
+                    extra = written.virtual_size - size
+                    if extra > 0 and written.read(size, min(extra, 1 << 20)) != bytes(min(extra, 1 << 20)):
+                        result.output_digest += " (non-zero data past the source's end)"
+                    elif extra < 0:
+                        result.output_digest += f" (output is {-extra} bytes shorter than the source)"
                 finally:
                     check_img.close()
                 if result.output_digest != result.source_digest:

@@ -67,6 +67,19 @@ def _copy_differences(stack: ImageStack, newp: Optional[ImageStack], progress: P
             pos += n
             progress.update(pos, size)
             continue
+        # Walk extents, never read zeros: where neither the old chain nor
+        # the new parent holds data both read as zeros and nothing needs
+        # copying (a safe rebase of an empty 64 GiB overlay used to read and
+        # compare every byte of it: 12 s instead of a fraction of one).
+        old_status, on, _ = stack.block_status(pos, n, top=levels - 1)
+        if newp is not None and pos < newp.virtual_size:
+            new_status, nn, _ = newp.block_status(pos, min(n, newp.virtual_size - pos))
+        else:
+            new_status, nn = Status.ZERO, n
+        if old_status != Status.DATA and new_status != Status.DATA:
+            pos += min(n, on, nn)
+            progress.update(pos, size)
+            continue
         old_view = memoryview(old_buf)[:n]
         stack.readinto_layers(pos, old_view, levels)
         new_view = memoryview(new_buf)[:n]
