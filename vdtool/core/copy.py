@@ -10,7 +10,6 @@ written in order."""
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from vdtool.core.backend import Cap, Status
@@ -53,6 +52,8 @@ def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool
 
             raise NotSupported("compression", top.name, top.path)
         compressor = top.compress_block  # declared in ImageBackend
+        from concurrent.futures import ThreadPoolExecutor  # only for -c: costs start-up time
+
         pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
     pending: list = []  # compressed blocks waiting to be written in order
 

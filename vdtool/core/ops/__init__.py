@@ -1,24 +1,20 @@
 """Operations: plain functions over images, used by the CLI and the Python
 API alike (VirtualBox's VDCreate/VDCopy/VDCompact/VDResize/VDMerge).
 
-Each op lives in its own module and is imported on first use, so a command
-pays only for the op it runs."""
+Imported eagerly: a lazy ``__getattr__`` here is shadowed by the submodule of
+the same name as soon as anything imports ``vdtool.core.ops.info`` directly.
+The op modules keep their own heavy imports (thread pools, xxhash) inside
+the functions that need them, so this stays cheap."""
 
-import importlib
+from vdtool.core.ops.check import check
+from vdtool.core.ops.compact import compact
+from vdtool.core.ops.convert import ConvertResult, convert
+from vdtool.core.ops.create import create
+from vdtool.core.ops.discard import discard
+from vdtool.core.ops.info import info
+from vdtool.core.ops.merge import merge
+from vdtool.core.ops.rebase import rebase
+from vdtool.core.ops.resize import resize
 
-_OPS = {
-    "check": "check", "compact": "compact", "convert": "convert", "ConvertResult": "convert",
-    "create": "create", "discard": "discard", "info": "info", "merge": "merge", "rebase": "rebase",
-    "resize": "resize",
-}
-
-__all__ = sorted(_OPS)
-
-
-def __getattr__(name):
-    module = _OPS.get(name)
-    if module is None:
-        raise AttributeError(name)
-    value = getattr(importlib.import_module(f"vdtool.core.ops.{module}"), name)
-    globals()[name] = value
-    return value
+__all__ = ["check", "compact", "convert", "ConvertResult", "create", "discard", "info", "merge", "rebase",
+           "resize"]
