@@ -215,7 +215,10 @@ def check_parent_identity(child, parent, ref: ParentRef) -> Optional[str]:
     return None
 
 
-def open_backend(path: str, fmt: Optional[str] = None, *, writable: bool = False) -> ImageBackend:
+def open_backend(path: str, fmt: Optional[str] = None, *, writable: bool = False,
+                 options: Optional[dict] = None) -> ImageBackend:
+    """One image, no parents.  ``options`` go to the backend's open (e.g.
+    ``{"repair": True}`` lets check -r open an image marked corrupt)."""
     from vdtool.core import registry
 
     if not os.path.exists(path):
@@ -223,7 +226,10 @@ def open_backend(path: str, fmt: Optional[str] = None, *, writable: bool = False
     if os.path.isdir(path):
         raise VdError("is a directory, not an image file", path)
     name = registry.canonical_name(fmt) if fmt else registry.probe_format(path)
-    return registry.get_backend(name, path).open(path, writable=writable)
+    backend = registry.get_backend(name, path)
+    if options:
+        return backend.open(path, writable=writable, options=options)
+    return backend.open(path, writable=writable)
 
 
 def open_image(path: str, fmt: Optional[str] = None, *, writable: bool = False, parent_search=(),
