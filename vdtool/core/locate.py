@@ -1,12 +1,172 @@
 """Finding a parent image named only by UUID (VDI differencing images).
 
-Placeholder until the VDI backend lands: no format records parents by UUID
-alone yet, so nothing is found."""
+Where VirtualBox would know from its media registry, vdtool looks in a few
+folders: the child's own, the one above it, and the ``--parent-search``
+folders, plus the VirtualBox registries found there (``*.vbox`` machine files
+and ``VirtualBox.xml``), whose ``<HardDisk uuid="{...}" location="...">``
+entries map UUIDs to files (locations relative to the registry file).
+
+Work is bounded: folders are listed, never walked recursively; only the
+first bytes of each candidate are read (a VDI header carries its UUID at a
+fixed place); other formats that record UUIDs are opened only when their
+extension says they could be one."""
 
 from __future__ import annotations
 
+import os
+import struct
+import uuid as uuidlib
 from typing import Optional
+
+MAX_ENTRIES_PER_DIR = 4096
+MAX_REGISTRY_BYTES = 16 << 20
+_VDI_SIG = 0xBEDA107F
+_seen_registries: list = []  # registry files met in this process, newest last
+_UUID_EXTS = {".vmdk", ".vhd", ".vhdx", ".hdd", ".hds"}
+
+
+def _norm(u) -> Optional[str]:
+    try:
+        return str(uuidlib.UUID(str(u).strip().strip("{}"))).lower()
+    except (ValueError, TypeError):
+        return None
+
+
+def vdi_uuid(path: str) -> Optional[str]:
+    """The image UUID of a VDI file from its header alone (None if not a VDI)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if len(head) < 0x48 + 348:
+        return None
+    sig, ver = struct.unpack_from("<II", head, 0x40)
+    if sig != _VDI_SIG:
+        return None
+    if ver >> 16 == 1:
+        off = 0x48 + 0x140  # cbHeader .. cBlocksAllocated precede uuidCreate
+    elif ver == 2:
+        off = 0x48 + 0x12C
+    else:
+        return None
+    return str(uuidlib.UUID(bytes_le=head[off:off + 16]))
+
+
+def _image_uuid(path: str) -> Optional[str]:
+    u = vdi_uuid(path)
+    if u is not None:
+        return u
+    if os.path.splitext(path)[1].lower() not in _UUID_EXTS:
+        return None
+    try:
+        from vdtool.core.stack import open_backend
+
+        img = open_backend(path)
+    except Exception:  # any unreadable candidate is simply not the parent
+        return None
+    try:
+        return _norm(img.uuid) if img.uuid else None
+    finally:
+        try:
+            img.close()
+        except Exception:
+            pass
+
+
+def _registry_entries(reg_path: str) -> list:
+    """(uuid, absolute location) of every HardDisk in a VirtualBox registry file."""
+    try:
+        if os.path.getsize(reg_path) > MAX_REGISTRY_BYTES:
+            return []
+        with open(reg_path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return []
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+        return []  # VirtualBox never writes these; entity expansion is a known way to blow up a parser
+    try:
+        import xml.etree.ElementTree as ET
+
+        root = ET.fromstring(data)
+    except Exception:
+        return []
+    folder = os.path.dirname(os.path.abspath(reg_path))
+    out = []
+    for el in root.iter():
+        tag = el.tag.rsplit("}", 1)[-1] if isinstance(el.tag, str) else ""
+        if tag != "HardDisk":
+            continue
+        u = _norm(el.get("uuid", ""))
+        loc = el.get("location")
+        if u and loc:
+            loc = loc.replace("\\", os.sep) if os.sep == "/" and "\\" in loc and "/" not in loc else loc
+            out.append((u, loc if os.path.isabs(loc) else os.path.join(folder, loc)))
+    return out
+
+
+def _list(folder: str) -> list:
+    try:
+        with os.scandir(folder) as it:
+            out = []
+            for entry in it:
+                if len(out) >= MAX_ENTRIES_PER_DIR:
+                    break
+                try:
+                    if entry.is_file():
+                        out.append(entry.path)
+                except OSError:
+                    continue
+            return sorted(out)
+    except OSError:
+        return []
+
+
+def search_folders(child_path: str, search_dirs=()) -> list:
+    child_dir = os.path.dirname(os.path.abspath(child_path))
+    folders = []
+    for d in [child_dir, os.path.dirname(child_dir), *search_dirs]:
+        d = os.path.abspath(d)
+        if d not in folders and os.path.isdir(d):
+            folders.append(d)
+    return folders
 
 
 def find_by_uuid(child_path: str, ref, search_dirs=()) -> Optional[str]:
+    want = _norm(ref.uuid)
+    if want is None:
+        return None
+    me = os.path.abspath(child_path)
+    folders = search_folders(child_path, search_dirs)
+    listings = {d: _list(d) for d in folders}
+
+    def ok(path: str, trust: bool) -> bool:
+        if os.path.abspath(path) == me or not os.path.isfile(path):
+            return False
+        got = _image_uuid(path)
+        return got == want or (trust and got is None)
+
+    # VirtualBox names differencing images after their UUID: try that first
+    for d in folders:
+        for name in (f"{{{want}}}.vdi", f"{want}.vdi"):
+            p = os.path.join(d, name)
+            if os.path.exists(p) and ok(p, False):
+                return p
+    # registries: trusted for formats whose UUID vdtool cannot read cheaply.
+    # One seen while resolving a child also serves its parents (a chain
+    # spread over folders is described by the top's machine file).
+    for d in folders:
+        for p in listings[d]:
+            base = os.path.basename(p)
+            if (base.endswith(".vbox") or base == "VirtualBox.xml") and p not in _seen_registries:
+                _seen_registries.append(p)
+                del _seen_registries[:-64]
+    for reg in list(_seen_registries):
+        for u, loc in _registry_entries(reg):
+            if u == want and ok(loc, True):
+                return os.path.normpath(loc)
+    for d in folders:
+        for p in listings[d]:
+            if ok(p, False):
+                return p
     return None

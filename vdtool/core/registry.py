@@ -17,6 +17,7 @@ from vdtool.core.errors import NotImplementedFormat, UsageError, VdError
 BUILTIN = {
     "raw": "vdtool.formats.raw:RawBackend",
     "qcow2": "vdtool.formats.qcow2:Qcow2Backend",
+    "vdi": "vdtool.formats.vdi:VdiBackend",
 }
 
 ALL_FORMATS = ("raw", "qcow2", "qcow", "qed", "vdi", "vmdk", "vhd", "vhdx", "parallels", "dmg")

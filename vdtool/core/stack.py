@@ -252,8 +252,12 @@ def open_image(path: str, fmt: Optional[str] = None, *, writable: bool = False, 
                 raise ChainError(f"chain of parents is deeper than {MAX_CHAIN_DEPTH} images", path)
             ppath = resolve_parent_path(current.path, ref, parent_search)
             if ppath is None or not os.path.exists(ppath):
-                reason = (f"parent {ref.filename or ref.uuid!r} not found"
-                          + (f" (looked for {ppath})" if ppath else ""))
+                if ref.filename:
+                    reason = (f"parent {ref.filename!r} not found"
+                              + (f" (looked for {ppath})" if ppath else ""))
+                else:
+                    reason = (f"parent with UUID {ref.uuid} not found (looked in the image's folder, the one "
+                              f"above it, --parent-search folders and VirtualBox registries there)")
                 if allow_missing_parent:
                     missing = ref
                     break

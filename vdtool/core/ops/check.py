@@ -15,7 +15,7 @@ def check(path: str, fmt: Optional[str] = None, *, repair: Optional[str] = None,
           force: bool = False) -> CheckResult:
     if repair not in (None, "leaks", "all"):
         raise UsageError(f"--repair takes leaks or all, not {repair!r}")
-    img = open_backend(path, fmt, writable=repair is not None, options={"repair": True} if repair else None)
+    img = open_backend(path, fmt, writable=repair is not None, options={"check": True, "repair": True} if repair else {"check": True})
     try:
         if not img.capabilities & Cap.CHECK:
             raise NotSupported("check", img.name, path)

@@ -33,6 +33,9 @@ def image_info(layer, parent_path: Optional[str] = None, parent_found: Optional[
             d["backing-filename-format"] = ref.format
         if ref.uuid:
             d["parent-uuid"] = ref.uuid
+            if not ref.filename and parent_path:
+                # named by UUID only (VDI): say where it was found
+                d["full-backing-filename"] = parent_path
         if parent_found is not None:
             d["parent-found"] = parent_found
     refs = layer.external_references()
@@ -95,6 +98,8 @@ def human_lines(d: dict) -> list:
         lines.append(f"backing file format: {d['backing-filename-format']}")
     if "parent-uuid" in d:
         lines.append(f"parent uuid: {d['parent-uuid']}")
+        if "backing-filename" not in d and d.get("full-backing-filename"):
+            lines.append(f"parent found at: {d['full-backing-filename']}")
     if d.get("parent-found") is False:
         lines.append(f"parent: NOT FOUND ({d.get('parent-problem', 'missing')})")
     if "parent-uuid-mismatch" in d:
