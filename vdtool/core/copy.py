@@ -98,10 +98,14 @@ def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool
     pos = 0
     try:
         while pos < size:
-            # stay aligned to the destination's blocks
+            # Zero and unallocated runs are taken whole (an empty 4 TiB disk is
+            # a handful of calls); only data runs are cut to the buffer, at
+            # chunk boundaries so they stay aligned to the destination's blocks.
             limit = min(chunk - (pos % chunk), size - pos)
-            status, n, _ = src.block_status(pos, limit)
-            if status != Status.DATA and n < limit and (pos + n) % block:
+            status, n, _ = src.block_status(pos, size - pos)
+            if status == Status.DATA:
+                n = min(n, limit)
+            elif pos + n < size and (pos + n) % block:
                 # A zero run that ends inside a destination block (a raw
                 # source reports 4 KiB holes, the output may have 64 KiB
                 # clusters) must not leave ``pos`` unaligned: emit() judges
