@@ -17,6 +17,7 @@ from vdtool.core.errors import NotImplementedFormat, UsageError, VdError
 BUILTIN = {
     "raw": "vdtool.formats.raw:RawBackend",
     "qcow2": "vdtool.formats.qcow2:Qcow2Backend",
+    "vhd": "vdtool.formats.vhd:VhdBackend",
     "vdi": "vdtool.formats.vdi:VdiBackend",
 }
 
