@@ -18,6 +18,7 @@ BUILTIN = {
     "raw": "vdtool.formats.raw:RawBackend",
     "qcow2": "vdtool.formats.qcow2:Qcow2Backend",
     "vhd": "vdtool.formats.vhd:VhdBackend",
+    "vmdk": "vdtool.formats.vmdk:VmdkBackend",
     "vdi": "vdtool.formats.vdi:VdiBackend",
 }
 
