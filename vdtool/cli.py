@@ -40,6 +40,18 @@ def _quiet_broken_pipe() -> None:
         pass
 
 
+def _notice(text: str) -> None:
+    """Warnings from the core (probing, references outside the image's
+    folder): one line on stderr, unless the command was given -q."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.params.get("quiet"):
+        return
+    try:
+        click.echo(f"vdtool: warning: {_one_line(text)}", err=True)
+    except Exception:
+        pass
+
+
 class LazyGroup(click.Group):
     """Loads ``vdtool.commands.<name>`` only when the command is needed,
     and maps every exception a command raises to one error line."""
@@ -55,6 +67,9 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx):
         debug = bool(ctx.params.get("debug"))
+        from vdtool.core import untrusted
+
+        untrusted.set_notice_handler(_notice)
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):

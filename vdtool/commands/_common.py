@@ -179,17 +179,19 @@ def image_options(f):
                      help="Another folder to look in for parent images (repeatable); used for parents "
                           "named only by UUID or by a name that is not found beside the child."),
         click.option("--untrusted", is_flag=True, envvar="VDTOOL_UNTRUSTED", show_envvar=True,
-                     help="Refuse images that reference other files or need probing (for images from "
-                          "untrusted sources). Not implemented yet: vdtool refuses to run with it rather "
-                          "than ignore it."),
+                     help="For images from untrusted sources: refuse an image whose content probes as "
+                          "more than one format (or as another format than -f names), that references any "
+                          "other file (backing or external data file, VMDK extent in another file, VHD, VMDK "
+                          "or VDI parent) or that carries unknown feature bits; the error names the rule "
+                          "and lists every external reference found."),
     )(f)
 
 
 def force_share_option(f):
     return click.option("-U", "--force-share", "force_share", is_flag=True,
-                        help="Read the image even when another process holds it for writing "
-                             "(read-only use only). Locking is not implemented yet, so this is accepted "
-                             "for compatibility and has no effect.")(f)
+                        help="Read the image even when another process (QEMU or vdtool) holds it for "
+                             "writing (read-only use only; what is read may be inconsistent). Without it, "
+                             "vdtool takes and tests QEMU's lock bytes on every image file.")(f)
 
 
 def progress_options(f):
@@ -233,12 +235,6 @@ def create_options(f):
 
 # -- checks and output ---------------------------------------------------------------
 
-def refuse_untrusted(untrusted: bool) -> None:
-    if untrusted:
-        from vdtool.core.errors import VdError
-
-        raise VdError("the --untrusted mode is not implemented yet (it is also set by VDTOOL_UNTRUSTED=1); "
-                      "run without it, or unset VDTOOL_UNTRUSTED")
 
 
 def wants_option_help(options) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from vdtool.commands._common import (CONTEXT_SETTINGS, force_share_option, format_option, image_options,
-                                     output_option, print_json, refuse_untrusted)
+                                     output_option, print_json)
 
 EXIT_NO_CHECK = 63
 
@@ -42,15 +42,19 @@ def command(file, fmt, repair, output, quiet, force_share, parent_search, untrus
     Tables in range, no block used twice, reference counts and checksums
     right, parent reachable.  Reports corruptions, leaks (allocated but
     unused blocks) and what was repaired, and sets the exit status as
-    qemu-img check does."""
+    qemu-img check does.
+
+    Images are locked as QEMU locks them (OFD locks on their lock bytes):
+    one that a running VM or qemu-img holds for writing is refused ("in
+    use") unless -U/--force-share is given."""
     if force_share and repair:
         raise click.UsageError("-U/--force-share can only be used with read-only access (not with --repair)")
-    refuse_untrusted(untrusted)
     from vdtool.core.errors import NotSupported, VdError
     from vdtool.core.ops.check import check
 
     try:
-        result = check(file, fmt, repair=repair, parent_search=parent_search)
+        result = check(file, fmt, repair=repair, parent_search=parent_search, untrusted=untrusted,
+                       force_share=force_share)
     except NotSupported as e:
         if getattr(e, "op", None) != "check":
             raise

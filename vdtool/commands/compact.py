@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from vdtool.commands._common import (CONTEXT_SETTINGS, format_option, image_options, long_operation,
-                                     progress_options, refuse_untrusted, say)
+                                     progress_options, say)
 
 EPILOG = """\b
 Examples:
@@ -27,13 +27,16 @@ def command(file, fmt, show_progress, quiet, parent_search, untrusted):
     released, the remaining blocks are moved to close the holes, and the
     file is truncated.  In a differencing image a zero block that hides
     non-zero parent data keeps reading as zeros.  The virtual content is
-    unchanged; 'vdtool info' afterwards shows the smaller size on disk."""
-    refuse_untrusted(untrusted)
+    unchanged; 'vdtool info' afterwards shows the smaller size on disk.
+
+    The image is locked as QEMU locks images (OFD locks on its lock
+    bytes): an image that a running VM, qemu-img or another vdtool holds
+    is refused ("in use"), and QEMU refuses it while this runs."""
     from vdtool.core.ops.compact import compact
     from vdtool.core.sizes import format_size
 
     with long_operation("Compacting", quiet=quiet, show_progress=show_progress) as progress:
-        result = compact(file, fmt, parent_search=parent_search, progress=progress)
+        result = compact(file, fmt, parent_search=parent_search, untrusted=untrusted, progress=progress)
     before, after = result["before"], result["after"]
     say(quiet, f"Compacted '{file}': {format_size(before)} -> {format_size(after)} on disk "
                f"({format_size(max(before - after, 0))} released)")

@@ -6,7 +6,7 @@ import click
 
 from vdtool.commands._common import (CONTEXT_SETTINGS, FORMAT, create_options, force_share_option,
                                      format_option, image_options, long_operation, print_format_options,
-                                     progress_options, refuse_untrusted, say, wants_option_help)
+                                     progress_options, say, wants_option_help)
 
 EPILOG = """\b
 Examples:
@@ -44,7 +44,12 @@ def command(src, dst, fmt, out_fmt, variant, block_size, parent, parent_format, 
     it as its parent.  Blocks that read as zeros are not allocated in DST
     unless the variant is a preallocated one.  DST is written beside its
     final name and renamed into place only on success; an existing DST is
-    refused unless --force is given."""
+    refused unless --force is given.
+
+    Images are locked as QEMU locks them (OFD locks on their lock bytes):
+    one that a running VM or qemu-img holds for writing is refused ("in
+    use") unless -U/--force-share is given.  DST is locked while
+    it is written."""
     if wants_option_help(options):
         from vdtool.core.ops.common import output_format
 
@@ -56,7 +61,6 @@ def command(src, dst, fmt, out_fmt, variant, block_size, parent, parent_format, 
         raise click.UsageError("Missing argument 'SRC'.")
     if dst is None:
         raise click.UsageError("Missing argument 'DST'.")
-    refuse_untrusted(untrusted)
     from vdtool.core.ops.common import parse_option_pairs
     from vdtool.core.ops.convert import convert
     from vdtool.core.sizes import format_size
@@ -66,7 +70,7 @@ def command(src, dst, fmt, out_fmt, variant, block_size, parent, parent_format, 
         result = convert(src, dst, src_format=fmt, fmt=out_fmt, variant=variant, block_size=block_size,
                          compress=compress, parent=parent, parent_format=parent_format, options=opts,
                          verify=verify, force=force, parent_search=parent_search, force_share=force_share,
-                         progress=progress)
+                         untrusted=untrusted, progress=progress)
     if verify:
         say(quiet, f"source xxh3-128: {result.source_digest}")
         say(quiet, f"output xxh3-128: {result.output_digest}")

@@ -6,7 +6,7 @@ import click
 
 from vdtool.commands._common import (CONTEXT_SETTINGS, FORMAT, SIZE, UUID, create_options, image_options,
                                      long_operation, print_format_options, progress_options,
-                                     refuse_untrusted, say, wants_option_help)
+                                     say, wants_option_help)
 
 EPILOG = """\b
 Examples:
@@ -49,7 +49,6 @@ def command(file, size, fmt, variant, block_size, parent, parent_format, options
         return
     if file is None:
         raise click.UsageError("Missing argument 'FILE'.")
-    refuse_untrusted(untrusted)
     from vdtool.core.ops.common import parse_option_pairs
     from vdtool.core.ops.create import create
 
@@ -57,7 +56,7 @@ def command(file, size, fmt, variant, block_size, parent, parent_format, options
     with long_operation("Creating", quiet=quiet, show_progress=show_progress) as progress:
         result = create(file, size, fmt=fmt, variant=variant, block_size=block_size, parent=parent,
                         parent_format=parent_format, uuid=uuid, comment=comment, options=opts, force=force,
-                        parent_search=parent_search, progress=progress)
+                        parent_search=parent_search, untrusted=untrusted, progress=progress)
     line = f"Formatting '{file}', fmt={result['format']}"
     if variant:
         line += f" variant={variant}"

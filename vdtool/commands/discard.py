@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from vdtool.commands._common import (CONTEXT_SETTINGS, RANGE, format_option, image_options, long_operation,
-                                     progress_options, refuse_untrusted, say)
+                                     progress_options, say)
 
 EPILOG = """\b
 Examples:
@@ -30,15 +30,18 @@ def command(file, ranges, fmt, zeroes, show_progress, quiet, parent_search, untr
     RANGE is OFFSET:LENGTH, both sizes (1M:64K).  Afterwards the ranges read
     as zeros; whole blocks are released where the format can, partial blocks
     are zero-filled.  Give RANGEs, --zeroes, or both.  In a differencing image
-    a discarded range still reads as zeros, not as the parent's data."""
+    a discarded range still reads as zeros, not as the parent's data.
+
+    The image is locked as QEMU locks images (OFD locks on its lock
+    bytes): an image that a running VM, qemu-img or another vdtool holds
+    is refused ("in use"), and QEMU refuses it while this runs."""
     if not ranges and not zeroes:
         raise click.UsageError("name at least one RANGE (OFFSET:LENGTH) or --zeroes")
-    refuse_untrusted(untrusted)
     from vdtool.core.ops.discard import discard
     from vdtool.core.sizes import format_size
 
     with long_operation("Discarding", quiet=quiet, show_progress=show_progress) as progress:
         result = discard(file, list(ranges), zeroes=zeroes, fmt=fmt, parent_search=parent_search,
-                         progress=progress)
+                         untrusted=untrusted, progress=progress)
     n = result.get("discarded-bytes", 0)
     say(quiet, f"Discarded {n} bytes ({format_size(n)}) of '{file}'")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from vdtool.commands._common import (CONTEXT_SETTINGS, force_share_option, format_option, image_options,
-                                     output_option, print_json, refuse_untrusted)
+                                     output_option, print_json)
 
 EPILOG = """\b
 Examples:
@@ -31,11 +31,19 @@ def command(file, fmt, chain, output, force_share, parent_search, untrusted):
     format-specific fields.  A missing parent is reported, not an error.
     JSON output uses qemu-img's key names (filename, format, virtual-size,
     actual-size, cluster-size, backing-filename, ...), so scripts written for
-    'qemu-img info --output=json' keep working."""
-    refuse_untrusted(untrusted)
+    'qemu-img info --output=json' keep working.
+
+    Images are locked as QEMU locks them (OFD locks on their lock bytes):
+    one that a running VM or qemu-img holds for writing is refused ("in
+    use") unless -U/--force-share is given.  Every
+    file the image references (backing and data files, extents, parents) is
+    listed under external references; a probed image that references a file
+    outside its folder, and an image read as raw whose content looks like
+    another format, are reported with a warning on stderr."""
     from vdtool.core.ops.info import human_lines, info
 
-    result = info(file, fmt, chain=chain, parent_search=parent_search)
+    result = info(file, fmt, chain=chain, parent_search=parent_search, untrusted=untrusted,
+                  force_share=force_share)
     if output == "json":
         print_json(result)
         return

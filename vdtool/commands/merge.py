@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from vdtool.commands._common import (CONTEXT_SETTINGS, format_option, image_options, long_operation,
-                                     progress_options, refuse_untrusted, say, warn)
+                                     progress_options, say, warn)
 
 EPILOG = """\b
 Examples:
@@ -38,13 +38,16 @@ def command(image, fmt, into, base, keep, show_progress, quiet, parent_search, u
     chain.  Chains may mix formats.  Data is written and flushed before any
     parent reference changes; files are deleted only when everything else
     succeeded.  Other images that had a merged image as their parent must be
-    rebased afterwards."""
-    refuse_untrusted(untrusted)
+    rebased afterwards.
+
+    The image is locked as QEMU locks images (OFD locks on its lock
+    bytes): an image that a running VM, qemu-img or another vdtool holds
+    is refused ("in use"), and QEMU refuses it while this runs."""
     from vdtool.core.ops.merge import merge
 
     with long_operation("Merging", quiet=quiet, show_progress=show_progress) as progress:
         result = merge(image, into=into, base=base, keep=keep, fmt=fmt, parent_search=parent_search,
-                       progress=progress)
+                       untrusted=untrusted, progress=progress)
     for w in result.get("warnings", ()):
         warn(quiet, w)
     if into == "parent":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from vdtool.commands._common import (CONTEXT_SETTINGS, FORMAT, format_option, image_options, long_operation,
-                                     progress_options, refuse_untrusted, say)
+                                     progress_options, say)
 
 EPILOG = """\b
 Examples:
@@ -32,13 +32,16 @@ def command(image, fmt, parent, parent_format, unsafe, show_progress, quiet, par
 
     In safe mode (the default) every range where the old and the new parent
     differ is first copied into IMAGE, so that IMAGE reads exactly as before.
-    With -u only the reference is rewritten."""
-    refuse_untrusted(untrusted)
+    With -u only the reference is rewritten.
+
+    The image is locked as QEMU locks images (OFD locks on its lock
+    bytes): an image that a running VM, qemu-img or another vdtool holds
+    is refused ("in use"), and QEMU refuses it while this runs."""
     from vdtool.core.ops.rebase import rebase
 
     with long_operation("Rebasing", quiet=quiet, show_progress=show_progress) as progress:
         rebase(image, parent or None, parent_format=parent_format, unsafe=unsafe, fmt=fmt,
-               parent_search=parent_search, progress=progress)
+               parent_search=parent_search, untrusted=untrusted, progress=progress)
     if parent:
         say(quiet, f"Rebased '{image}' onto '{parent}'" + (" (unsafe: reference only)" if unsafe else ""))
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from vdtool.commands._common import (CONTEXT_SETTINGS, RELATIVE_SIZE, NegativeSizeCommand, format_option,
-                                     image_options, long_operation, progress_options, refuse_untrusted, say,
+                                     image_options, long_operation, progress_options, say,
                                      warn)
 
 EPILOG = """\b
@@ -31,13 +31,17 @@ def command(file, size, fmt, shrink, show_progress, quiet, parent_search, untrus
 
     SIZE is absolute, or +SIZE / -SIZE relative to the current size
     ('-1G' is taken as a size, not an option).  Growing keeps all data and
-    the new part reads as zeros.  Shrinking needs --shrink."""
-    refuse_untrusted(untrusted)
+    the new part reads as zeros.  Shrinking needs --shrink.
+
+    The image is locked as QEMU locks images (OFD locks on its lock
+    bytes): an image that a running VM, qemu-img or another vdtool holds
+    is refused ("in use"), and QEMU refuses it while this runs."""
     from vdtool.core.ops.resize import resize
     from vdtool.core.sizes import format_size
 
     with long_operation("Resizing", quiet=quiet, show_progress=show_progress) as progress:
-        result = resize(file, size, fmt, shrink=shrink, parent_search=parent_search, progress=progress)
+        result = resize(file, size, fmt, shrink=shrink, parent_search=parent_search, untrusted=untrusted,
+                        progress=progress)
     old, new = result["old-size"], result["new-size"]
     if result.get("lost-allocated-bytes"):
         warn(quiet, f"{file}: " + result.get("message", f"{result['lost-allocated-bytes']} bytes of allocated "

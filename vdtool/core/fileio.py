@@ -5,17 +5,22 @@ fault injection, crash points) without touching the formats."""
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import os
 import stat
+import struct
+from contextlib import contextmanager
 
-from vdtool.core.errors import CorruptImageError, VdError
+from vdtool.core.errors import CorruptImageError, ImageInUse, VdError
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 
 _libc = None
+_OFF_MAX = (1 << 63) - 1  # off_t
+_NO_DATA = 1 << 63  # next_data's "none": offset + this is past every range
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
@@ -42,6 +47,82 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     return True
 
 
+# -- QEMU-compatible image locking ----------------------------------------------
+#
+# QEMU (block/file-posix.c) marks what an open image may be used for with
+# shared (read) OFD locks on single bytes of the image file: byte 100+i while
+# it holds permission i, byte 200+i while it does not let others have
+# permission i.  Before it uses an image it takes its own bytes, then tests,
+# with a write-lock probe (F_OFD_GETLK), that nobody holds byte 200+i for a
+# permission it wants, nor byte 100+i for a permission it does not share.
+# The locks are advisory and vanish when the file is closed.  vdtool takes
+# and tests the same bytes, so QEMU and vdtool see each other.
+PERM_CONSISTENT_READ = 0x01
+PERM_WRITE = 0x02
+PERM_WRITE_UNCHANGED = 0x04
+PERM_RESIZE = 0x08
+PERM_ALL = 0x0F  # GRAPH_MOD (0x10) is never locked on files
+PERM_NAMES = {PERM_CONSISTENT_READ: "consistent read", PERM_WRITE: "write",
+              PERM_WRITE_UNCHANGED: "write unchanged", PERM_RESIZE: "resize"}
+LOCK_PERM_BASE = 100
+LOCK_SHARED_BASE = 200
+# What vdtool holds and does not share, as qemu-img does for a format node's
+# file: a reader holds consistent read and lets nobody write or resize under
+# it; a writer also holds write and resize (metadata grows the file).
+READ_PERMS = (PERM_CONSISTENT_READ, PERM_ALL & ~(PERM_WRITE | PERM_RESIZE))
+WRITE_PERMS = (PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE, PERM_ALL & ~(PERM_WRITE | PERM_RESIZE))
+
+# open_image(force_share=True) sets this around a read-only open, so every
+# file the backend opens (VMDK extents too) skips locking (qemu-img -U).
+_force_share = contextvars.ContextVar("vdtool_force_share", default=False)
+
+
+@contextmanager
+def force_share(on: bool = True):
+    """Read-only opens inside this block take and test no locks."""
+    token = _force_share.set(bool(on))
+    try:
+        yield
+    finally:
+        _force_share.reset(token)
+
+
+# Files this process has open with locks, by (st_dev, st_ino).  vdtool may
+# open one file twice (rebase onto an image whose chain holds the image
+# itself, to find the loop; a VDI parent search opening a sibling): its own
+# locks must not make it refuse itself, so they are lifted while a new open
+# tests for other processes' locks.
+_held: dict = {}
+
+
+def _flock(l_type: int, start: int, length: int = 1) -> bytes:
+    # struct flock on Linux: short l_type, short l_whence, off_t l_start,
+    # off_t l_len, pid_t l_pid (l_pid must be 0 for OFD locks); native
+    # alignment gives the 4 bytes of padding before l_start.
+    return struct.pack("hhqqi", l_type, os.SEEK_SET, start, length, 0)
+
+
+def _ofd_supported() -> bool:
+    import fcntl
+
+    return hasattr(fcntl, "F_OFD_SETLK") and hasattr(fcntl, "F_OFD_GETLK")
+
+
+def _set_lock(fd: int, byte: int, lock: bool) -> None:
+    import fcntl
+
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_RDLCK if lock else fcntl.F_UNLCK, byte))
+
+
+def _byte_is_locked(fd: int, byte: int) -> bool:
+    """Would an exclusive lock on ``byte`` conflict with another open file
+    description's lock (QEMU's qemu_lock_fd_test)?"""
+    import fcntl
+
+    got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, byte))
+    return struct.unpack("hhqqi", got)[0] != fcntl.F_UNLCK
+
+
 def os_error(path: str, exc: OSError) -> VdError:
     return VdError(exc.strerror or str(exc), path)
 
@@ -49,12 +130,16 @@ def os_error(path: str, exc: OSError) -> VdError:
 class ImageFile:
     """An open image file.  All offsets are absolute byte offsets."""
 
-    def __init__(self, path: str, *, writable: bool = False, create: bool = False):
+    def __init__(self, path: str, *, writable: bool = False, create: bool = False, lock: bool = True):
+        """``lock``: take and test QEMU's lock bytes (unless inside
+        ``force_share()`` for a read-only open); probing opens without."""
         self.path = path
         self.writable = writable or create
+        self.perms = (0, PERM_ALL)  # (held, shared) lock bits
         flags = os.O_RDWR if self.writable else os.O_RDONLY
         if create:
-            flags |= os.O_CREAT | os.O_TRUNC
+            # no O_TRUNC: truncate only once the locks say nobody uses the file
+            flags |= os.O_CREAT
         flags |= getattr(os, "O_CLOEXEC", 0)
         try:
             st = os.stat(path) if not create else None
@@ -82,10 +167,95 @@ class ImageFile:
         except OSError as e:
             raise os_error(path, e) from None
         self._closed = False
+        try:
+            if lock and not (not self.writable and _force_share.get()):
+                self.set_perms(*(WRITE_PERMS if self.writable else READ_PERMS))
+            if create:
+                os.ftruncate(self.fd, 0)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- locking (QEMU's lock bytes) --------------------------------------------
+    def set_perms(self, held: int, shared: int) -> None:
+        """Take the lock bytes for ``held`` permissions and for those not in
+        ``shared``, drop the others, then test that no other process holds
+        what conflicts; on conflict the old locks are restored and
+        ImageInUse is raised.  Regular files only (devices: no locks)."""
+        if not _ofd_supported():
+            return
+        try:
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                return
+        except OSError:
+            return
+        old = self.perms
+        try:
+            st = os.fstat(self.fd)
+            key = (st.st_dev, st.st_ino)
+        except OSError:
+            key = None
+        siblings = [f for f in _held.get(key, ()) if f is not self and not f._closed]
+        try:
+            for f in siblings:
+                f._restore((0, PERM_ALL))
+            self._apply(held, shared)
+            conflict = self._conflict(held, shared)
+        except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return  # a filesystem without byte-range locks: nothing to share with
+            self._restore(old)
+            raise os_error(self.path, e) from None
+        finally:
+            for f in siblings:
+                f._restore(f.perms)
+        if conflict:
+            self._restore(old)
+            raise ImageInUse(conflict, self.path)
+        self.perms = (held, shared)
+        if key is not None:
+            lst = _held.setdefault(key, [])
+            if self not in lst:
+                lst.append(self)
+            self._lock_key = key
+
+    def _apply(self, held: int, shared: int) -> None:
+        for bit in PERM_NAMES:
+            i = bit.bit_length() - 1
+            _set_lock(self.fd, LOCK_PERM_BASE + i, bool(held & bit))
+            _set_lock(self.fd, LOCK_SHARED_BASE + i, not shared & bit)
+
+    def _restore(self, old) -> None:
+        try:
+            self._apply(*old)
+        except OSError:
+            pass
+
+    def _conflict(self, held: int, shared: int):
+        for bit, name in PERM_NAMES.items():
+            i = bit.bit_length() - 1
+            if held & bit and _byte_is_locked(self.fd, LOCK_SHARED_BASE + i):
+                return (f"image is in use: another process (QEMU or vdtool) uses it and does not let others "
+                        f"{'read it consistently' if bit == PERM_CONSISTENT_READ else name} "
+                        f"(failed to get the {name!r} lock)"
+                        + ("" if self.writable else "; -U/--force-share reads it anyway"))
+        for bit, name in PERM_NAMES.items():
+            i = bit.bit_length() - 1
+            if not shared & bit and _byte_is_locked(self.fd, LOCK_PERM_BASE + i):
+                what = "for writing" if bit in (PERM_WRITE, PERM_RESIZE) else f"with the {name!r} permission"
+                return (f"image is in use: another process (QEMU or vdtool) holds it {what} "
+                        f"(failed to get the shared {name!r} lock)"
+                        + ("" if self.writable else "; -U/--force-share reads it anyway"))
+        return None
 
     # -- reading -------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes; shorter only at end of file."""
+        if offset < 0 or length < 0:
+            raise CorruptImageError(f"read of {length} bytes at offset {offset} is out of range", self.path)
+        if offset >= _OFF_MAX:
+            return b""  # past what any file can hold: end of file (os.pread would raise OverflowError)
+        length = min(length, _OFF_MAX - offset)
         try:
             data = os.pread(self.fd, length, offset)
             if len(data) < length and data:
@@ -119,6 +289,11 @@ class ImageFile:
         mv = memoryview(buf).cast("B")
         total = len(mv)
         got = 0
+        if offset < 0:
+            raise CorruptImageError(f"read at offset {offset} is out of range", self.path)
+        if offset >= _OFF_MAX - total:
+            mv[:] = bytes(total)  # past what any file can hold (os.preadv would raise OverflowError)
+            return 0
         try:
             while got < total:
                 n = os.preadv(self.fd, [mv[got:]], offset + got)
@@ -134,6 +309,8 @@ class ImageFile:
     def pwrite(self, offset: int, data) -> None:
         mv = memoryview(data).cast("B")
         done = 0
+        if offset < 0 or offset + len(mv) > _OFF_MAX:
+            raise CorruptImageError(f"write of {len(mv)} bytes at offset {offset} is out of range", self.path)
         try:
             while done < len(mv):
                 done += os.pwrite(self.fd, mv[done:], offset + done)
@@ -207,31 +384,62 @@ class ImageFile:
         st = os.fstat(self.fd)
         return st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
 
-    def next_data(self, offset: int) -> int:
-        """Offset of the next data at or after ``offset`` (file size if none)."""
+    def _regular(self) -> bool:
         try:
-            return os.lseek(self.fd, offset, os.SEEK_DATA)
+            return stat.S_ISREG(os.fstat(self.fd).st_mode)
+        except OSError:
+            return True
+
+    def next_data(self, offset: int) -> int:
+        """Offset of the next data at or after ``offset``; when there is none
+        (holes up to the end of the file, or past it), a value beyond any
+        range a caller asks about, so that the rest reads as zeros in one
+        step."""
+        # Fuzzing found: an offset past off_t (a VMDK flat extent at sector
+        # 2^55) raised OverflowError, and a character device (/dev/zero as an
+        # extent) answered lseek with 0, so callers walked it a byte at a
+        # time.  Past off_t there is no data; devices are all data.
+        # A flat extent starting past the end of its file walked a byte at
+        # a time too: "no data" used to be answered with the offset itself.
+        if offset >= _OFF_MAX:
+            return offset + _NO_DATA
+        if not self._regular():
+            return offset
+        try:
+            return max(offset, os.lseek(self.fd, offset, os.SEEK_DATA))
         except OSError as e:
             if e.errno == errno.ENXIO:
-                return max(offset, self.size())
+                return offset + _NO_DATA
             if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
                 return offset
             raise os_error(self.path, e) from None
 
     def next_hole(self, offset: int) -> int:
         """Offset of the next hole at or after ``offset`` (EOF counts as a hole)."""
+        if offset >= _OFF_MAX:
+            return offset
+        if not self._regular():
+            return _OFF_MAX  # a device has no holes (callers clamp to their range)
         try:
-            return os.lseek(self.fd, offset, os.SEEK_HOLE)
+            return max(offset, os.lseek(self.fd, offset, os.SEEK_HOLE))
         except OSError as e:
             if e.errno == errno.ENXIO:
                 return offset
             if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                return self.size()
+                size = self.size()
+                return size if size > offset else offset + _NO_DATA
             raise os_error(self.path, e) from None
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            key = getattr(self, "_lock_key", None)
+            if key is not None:
+                lst = _held.get(key, [])
+                if self in lst:
+                    lst.remove(self)
+                if not lst:
+                    _held.pop(key, None)
             os.close(self.fd)
 
     def __enter__(self):

@@ -115,7 +115,8 @@ def _magic_scores(head: bytes, tail: bytes, size: int) -> dict:
 def read_probe_data(path: str):
     from vdtool.core.fileio import ImageFile
 
-    with ImageFile(path) as f:
+    # a momentary look at the bytes: no lock (the open that follows locks)
+    with ImageFile(path, lock=False) as f:
         size = f.size()
         head = f.pread(0, 65536)
         tail = f.pread(max(0, size - 4096), min(size, 4096)) if size else b""

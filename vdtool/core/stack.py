@@ -25,6 +25,7 @@ class ImageStack:
         self.layers: list = layers  # base first
         self.missing_parent: Optional[ParentRef] = None  # set when opened with allow_missing_parent
         self.missing_reason: str = ""
+        self.warnings: list = []  # set by open_image: notices about probing and references
         self._wire()
 
     def _wire(self) -> None:
@@ -216,35 +217,83 @@ def check_parent_identity(child, parent, ref: ParentRef) -> Optional[str]:
 
 
 def open_backend(path: str, fmt: Optional[str] = None, *, writable: bool = False,
-                 options: Optional[dict] = None) -> ImageBackend:
+                 options: Optional[dict] = None, untrusted: bool = False, force_share: bool = False,
+                 warnings: Optional[list] = None) -> ImageBackend:
     """One image, no parents.  ``options`` go to the backend's open (e.g.
-    ``{"repair": True}`` lets check -r open an image marked corrupt)."""
+    ``{"repair": True}`` lets check -r open an image marked corrupt).
+
+    ``untrusted``: apply the rules of vdtool.core.untrusted (format given or
+    unambiguous, no references to other files, no unknown feature bits)
+    before and after the backend opens the file.  ``force_share``: a
+    read-only open takes and tests no QEMU lock bytes (qemu-img -U).
+    Warnings (a raw image that looks like another format) go to
+    ``untrusted.notice`` and, when given, the ``warnings`` list."""
     from vdtool.core import registry
+    from vdtool.core import untrusted as ut
+    from vdtool.core.fileio import force_share as sharing
 
     if not os.path.exists(path):
         raise VdError("no such file", path)
     if os.path.isdir(path):
         raise VdError("is a directory, not an image file", path)
-    name = registry.canonical_name(fmt) if fmt else registry.probe_format(path)
+    findings: list = []
+    if untrusted:
+        name = ut.choose_format(path, fmt)
+        findings, complete = ut.inspect_header(path, name)
+        if findings and complete:
+            raise ut.UntrustedImage(findings, path)
+    else:
+        name = registry.canonical_name(fmt) if fmt else registry.probe_format(path)
+        if name == "raw":
+            # -f raw never interprets headers; say so when the content looks
+            # like another format (the format-probing attack, in reverse)
+            w = ut.raw_warning(path, probed=not fmt)
+            if w:
+                ut.notice(w)
+                if warnings is not None:
+                    warnings.append(w)
     backend = registry.get_backend(name, path)
-    if options:
-        return backend.open(path, writable=writable, options=options)
-    return backend.open(path, writable=writable)
+    with sharing(force_share and not writable):
+        if options:
+            img = backend.open(path, writable=writable, options=options)
+        else:
+            img = backend.open(path, writable=writable)
+    if untrusted:
+        try:
+            findings = ut.merge_findings(findings, ut.inspect_backend(img))
+        except BaseException:
+            img.close()
+            raise
+        if findings:
+            img.close()
+            raise ut.UntrustedImage(findings, path)
+    return img
 
 
 def open_image(path: str, fmt: Optional[str] = None, *, writable: bool = False, parent_search=(),
-               force: bool = False, allow_missing_parent: bool = False, chain: bool = True) -> ImageStack:
+               force: bool = False, allow_missing_parent: bool = False, chain: bool = True,
+               untrusted: bool = False, force_share: bool = False) -> ImageStack:
     """Open ``path`` and its chain of parents.  The top is writable if asked;
     parents are read-only.  With ``allow_missing_parent`` a missing parent is
-    recorded in ``stack.missing_parent`` instead of raising (for ``info``)."""
-    top = open_backend(path, fmt, writable=writable)
+    recorded in ``stack.missing_parent`` instead of raising (for ``info``).
+    ``untrusted`` and ``force_share``: see ``open_backend``; an untrusted
+    image has no parents (a reference to one is refused)."""
+    warnings: list = []
+    top = open_backend(path, fmt, writable=writable, untrusted=untrusted, force_share=force_share,
+                       warnings=warnings)
     layers = [top]
+    top_dir = os.path.dirname(os.path.abspath(path))
     seen = {_file_id(path)}
     missing = None
     reason = ""
     try:
         current = top
-        while chain:
+        probed = not fmt
+        while True:
+            if probed and not untrusted:
+                _warn_outside(current, top_dir, warnings)
+            if not chain:
+                break
             ref = current.parent
             if ref is None:
                 break
@@ -266,7 +315,8 @@ def open_image(path: str, fmt: Optional[str] = None, *, writable: bool = False, 
             if fid in seen:
                 raise ChainError(f"chain of parents loops back to {ppath}", current.path)
             seen.add(fid)
-            parent = open_backend(ppath, ref.format, writable=False)
+            parent = open_backend(ppath, ref.format, writable=False, force_share=force_share, warnings=warnings)
+            probed = not ref.format
             layers.append(parent)
             mismatch = check_parent_identity(current, parent, ref)
             if mismatch and not force:
@@ -283,7 +333,30 @@ def open_image(path: str, fmt: Optional[str] = None, *, writable: bool = False, 
     stack = ImageStack(layers)
     stack.missing_parent = missing
     stack.missing_reason = reason
+    stack.warnings = warnings
     return stack
+
+
+def _warn_outside(layer, top_dir: str, warnings: list) -> None:
+    """A probed image that makes vdtool open a file outside the folder of
+    the image named on the command line says so (a raw disk carrying a
+    qcow2 header with a backing file would otherwise read host files
+    silently)."""
+    from vdtool.core import untrusted as ut
+
+    own_dir = os.path.dirname(os.path.abspath(layer.path))
+    try:
+        refs = layer.external_references()
+    except VdError:
+        return
+    for name in refs:
+        full = ut.outside_folder(name, top_dir, own_dir)
+        if full:
+            w = (f"{layer.path}: the format was probed ({layer.name}) and the image references {full}, outside "
+                 f"the image's folder; vdtool follows it (name the format with -f, or use --untrusted for "
+                 f"images from untrusted sources)")
+            ut.notice(w)
+            warnings.append(w)
 
 
 def _file_id(path: str):

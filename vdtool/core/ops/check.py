@@ -12,10 +12,11 @@ EXIT_NO_CHECK = 63
 
 
 def check(path: str, fmt: Optional[str] = None, *, repair: Optional[str] = None, parent_search=(),
-          force: bool = False) -> CheckResult:
+          force: bool = False, untrusted: bool = False, force_share: bool = False) -> CheckResult:
     if repair not in (None, "leaks", "all"):
         raise UsageError(f"--repair takes leaks or all, not {repair!r}")
-    img = open_backend(path, fmt, writable=repair is not None, options={"check": True, "repair": True} if repair else {"check": True})
+    img = open_backend(path, fmt, writable=repair is not None, untrusted=untrusted, force_share=force_share,
+                       options={"check": True, "repair": True} if repair else {"check": True})
     try:
         if not img.capabilities & Cap.CHECK:
             raise NotSupported("check", img.name, path)
@@ -30,7 +31,7 @@ def check(path: str, fmt: Optional[str] = None, *, repair: Optional[str] = None,
     if parent is not None:
         # the chain must be reachable and consistent too
         try:
-            open_image(path, fmt, parent_search=parent_search, force=force).close()
+            open_image(path, fmt, parent_search=parent_search, force=force, force_share=force_share).close()
         except ChainError as e:
             result.messages.append(f"warning: {e}")
         except VdError as e:

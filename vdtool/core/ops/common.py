@@ -87,7 +87,11 @@ def staged_output(final_path: str, force: bool):
                 if os.path.lexists(target) and os.path.abspath(target) != os.path.abspath(final_path) and not force:
                     shutil.rmtree(stage, ignore_errors=True)
                     raise VdError("already exists; use --force to overwrite it", target)
-            for name in names:
+            # the file with the final name goes last: a multi-file image (a
+            # VMDK descriptor and its extents) never shows under the final
+            # name before the files it names are in place
+            final = os.path.basename(final_path)
+            for name in sorted(names, key=lambda n: n == final):
                 os.replace(os.path.join(stage, name), os.path.join(folder, name))
             _fsync_dir(folder)
         shutil.rmtree(stage, ignore_errors=True)
@@ -122,8 +126,10 @@ def parent_spec(child_final_path: str, parent_stack: ImageStack) -> ParentSpec:
     )
 
 
-def open_parent(path: str, fmt: Optional[str], parent_search=(), force: bool = False) -> ImageStack:
-    return open_image(path, fmt, writable=False, parent_search=parent_search, force=force)
+def open_parent(path: str, fmt: Optional[str], parent_search=(), force: bool = False,
+                untrusted: bool = False, force_share: bool = False) -> ImageStack:
+    return open_image(path, fmt, writable=False, parent_search=parent_search, force=force, untrusted=untrusted,
+                      force_share=force_share)
 
 
 def stack_over(parent: Optional[ImageStack], new_top) -> ImageStack:

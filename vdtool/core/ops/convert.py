@@ -32,22 +32,27 @@ def convert(src: str, dst: str, *, src_format: Optional[str] = None, fmt: Option
             variant: Optional[str] = None, block_size: Optional[int] = None, compress: bool = False,
             parent: Optional[str] = None, parent_format: Optional[str] = None, options: Optional[dict] = None,
             verify: bool = False, force: bool = False, parent_search=(), force_share: bool = False,
-            progress: Progress = NO_PROGRESS) -> ConvertResult:
+            untrusted: bool = False, progress: Progress = NO_PROGRESS) -> ConvertResult:
     name = output_format(dst, fmt)
     backend = backend_for_new_image(dst, name, variant)
+    if compress and variant is None and getattr(backend, "compress_variant", None):
+        # formats whose compression is a variant of its own (vmdk's streamOptimized)
+        variant = backend.compress_variant
     opts = backend.parse_options(dict(options or {}))
     if compress and not backend.capabilities & Cap.COMPRESS:
         raise NotSupported("compression (-c)", name, dst)
     if same_file(src, dst):
         raise VdError("source and destination are the same file", dst)
-    source = open_image(src, src_format, parent_search=parent_search)
+    source = open_image(src, src_format, parent_search=parent_search, untrusted=untrusted,
+                        force_share=force_share)
     pstack = None
     try:
         spec = None
         if parent:
             if not backend.capabilities & Cap.DIFF:
                 raise NotSupported("a parent image", name, dst)
-            pstack = open_parent(parent, parent_format, parent_search)
+            pstack = open_parent(parent, parent_format, parent_search, untrusted=untrusted,
+                                 force_share=force_share)
             spec = parent_spec(dst, pstack)
         size = source.virtual_size
         digest = ContentDigest() if verify else None

@@ -14,7 +14,7 @@ from vdtool.core.progress import NO_PROGRESS, Progress
 def create(path: str, size: Optional[int] = None, *, fmt: Optional[str] = None, variant: Optional[str] = None,
            block_size: Optional[int] = None, parent: Optional[str] = None, parent_format: Optional[str] = None,
            uuid: Optional[str] = None, comment: Optional[str] = None, options: Optional[dict] = None,
-           force: bool = False, parent_search=(), progress: Progress = NO_PROGRESS) -> dict:
+           force: bool = False, parent_search=(), untrusted: bool = False, progress: Progress = NO_PROGRESS) -> dict:
     """Create ``path``; returns ``{"filename", "format", "virtual-size"}``."""
     name = output_format(path, fmt)
     backend = backend_for_new_image(path, name, variant)
@@ -30,7 +30,7 @@ def create(path: str, size: Optional[int] = None, *, fmt: Optional[str] = None, 
         if parent:
             if not backend.capabilities & Cap.DIFF:
                 raise NotSupported("a parent image", name, path)
-            pstack = open_parent(parent, parent_format, parent_search)
+            pstack = open_parent(parent, parent_format, parent_search, untrusted=untrusted)
             spec = parent_spec(path, pstack)
             if size is None:
                 size = pstack.virtual_size
@@ -42,11 +42,18 @@ def create(path: str, size: Optional[int] = None, *, fmt: Optional[str] = None, 
             img = backend.create(tmp, size, variant=variant, block_size=block_size, parent=spec, options=opts,
                                  progress=progress)
             try:
+                # a format may round the size (VHD's azure=on to whole MiB);
+                # report what the image holds and the backend's notes on why
+                actual = img.virtual_size
+                notices = list(getattr(img, "notices", None) or ())
                 img.flush()
             finally:
                 img.close()
         progress.finish()
-        return {"filename": path, "format": name, "virtual-size": size}
+        result = {"filename": path, "format": name, "virtual-size": actual}
+        if notices:
+            result["message"] = "; ".join(notices)
+        return result
     finally:
         if pstack is not None:
             pstack.close()

@@ -19,13 +19,14 @@ def parse_range(text: str) -> tuple:
 
 
 def discard(path: str, ranges=(), *, zeroes: bool = False, fmt: Optional[str] = None, parent_search=(),
-            force: bool = False, progress: Progress = NO_PROGRESS) -> dict:
+            force: bool = False, untrusted: bool = False, progress: Progress = NO_PROGRESS) -> dict:
     """``ranges``: (offset, length) pairs or 'OFFSET:LENGTH' strings.
     Returns ``{"filename", "discarded-bytes"}``."""
     parsed = [parse_range(r) if isinstance(r, str) else tuple(r) for r in ranges]
     if not parsed and not zeroes:
         raise UsageError("name ranges OFFSET:LENGTH or --zeroes")
-    stack = open_image(path, fmt, writable=True, parent_search=parent_search, force=force)
+    stack = open_image(path, fmt, writable=True, parent_search=parent_search, force=force,
+                       untrusted=untrusted)
     done = 0
     try:
         size = stack.virtual_size

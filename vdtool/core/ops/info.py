@@ -49,10 +49,10 @@ def image_info(layer, parent_path: Optional[str] = None, parent_found: Optional[
 
 
 def info(path: str, fmt: Optional[str] = None, *, chain: bool = False, parent_search=(),
-         force: bool = False) -> dict:
+         force: bool = False, untrusted: bool = False, force_share: bool = False) -> dict:
     """One image's facts, or with ``chain`` ``{"chain": [top, ..., base]}``."""
     stack = open_image(path, fmt, parent_search=parent_search, force=True, allow_missing_parent=True,
-                       chain=True)
+                       chain=True, untrusted=untrusted, force_share=force_share)
     try:
         layers = list(reversed(stack.layers))  # top first
         out = []
@@ -67,6 +67,8 @@ def info(path: str, fmt: Optional[str] = None, *, chain: bool = False, parent_se
                 d["parent-uuid-mismatch"] = below.uuid
             if found is False and stack.missing_reason:
                 d["parent-problem"] = stack.missing_reason
+            if i == 0 and stack.warnings:
+                d["warnings"] = list(stack.warnings)
             out.append(d)
             if not chain:
                 break

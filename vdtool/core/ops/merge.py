@@ -58,12 +58,13 @@ def _copy_layers(stack: ImageStack, target, lo: int, hi: int, progress: Progress
 
 
 def merge(image: str, *, into: str = "parent", base: Optional[str] = None, keep: bool = False,
-          fmt: Optional[str] = None, parent_search=(), force: bool = False,
+          fmt: Optional[str] = None, parent_search=(), force: bool = False, untrusted: bool = False,
           progress: Progress = NO_PROGRESS) -> dict:
     """Returns ``{"target", "deleted": [...], "warnings": [...]}``."""
     if into not in ("parent", "child"):
         raise UsageError(f"--into takes parent or child, not {into!r}")
-    stack = open_image(image, fmt, writable=(into == "child"), parent_search=parent_search, force=force)
+    stack = open_image(image, fmt, writable=(into == "child"), parent_search=parent_search, force=force,
+                       untrusted=untrusted)
     warnings: list = []
     deleted: list = []
     try:
@@ -77,6 +78,10 @@ def merge(image: str, *, into: str = "parent", base: Optional[str] = None, keep:
             target = stack.reopen_layer(b, writable=True)
             if not target.capabilities & Cap.WRITE:
                 raise NotSupported("writing", target.name, target.path)
+            # IMAGE must keep opening over BASE until it is deleted: keep the
+            # identity it checks (VDI modification UUID, VMDK CID) while the
+            # data goes in; BASE gets a new one once the merged images are gone
+            target.defer_identity_change()
             if target.virtual_size < stack.virtual_size:
                 if not target.capabilities & Cap.RESIZE:
                     raise NotSupported("growing (needed to merge a larger child)", target.name, target.path)
@@ -86,11 +91,13 @@ def merge(image: str, *, into: str = "parent", base: Optional[str] = None, keep:
             target.flush()
             merged = [layer.path for layer in stack.layers[b + 1:]]
             target_path = target.path
+            target_cls = type(target)
         else:
             b = _base_index(stack, base, 0)
             if b >= top_i:
                 raise UsageError(f"--base must be below {image} in its chain")
             target = stack.top
+            target.defer_identity_change()  # IMAGE reads as before: its children stay valid
             new_parent = stack.layers[b - 1] if b > 0 else None
             _copy_layers(stack, target, b, top_i - 1, progress.sub(0, 95),
                          only_where_target_unallocated=True, target_standalone=new_parent is None)
@@ -109,13 +116,31 @@ def merge(image: str, *, into: str = "parent", base: Optional[str] = None, keep:
             warnings.append("the merged images were kept; they no longer describe a consistent state of the "
                             "disk over the merged parent")
         else:
-            for p in merged:
+            # top first: whatever a crash leaves is still a whole chain, IMAGE
+            # over the images it needs (bottom first left IMAGE without parent)
+            for p in reversed(merged):
                 try:
                     os.unlink(p)
                     deleted.append(p)
                 except OSError as e:
                     raise VdError(f"merged, but could not delete: {e.strerror}", p) from None
+        _new_identity(target_path, target_cls)
         warnings.append(f"images that had {', '.join(merged)} as their parent must be rebased onto "
                         f"{target_path}")
     progress.finish()
     return {"target": target_path, "deleted": deleted, "warnings": warnings}
+
+
+def _new_identity(path: str, cls) -> None:
+    """BASE's content changed for everything but the merged images: give it
+    a new modification identity, so other children of BASE see that."""
+    from vdtool.core.backend import ImageBackend
+
+    if cls.change_identity is ImageBackend.change_identity:
+        return
+    img = cls.open(path, writable=True)
+    try:
+        img.change_identity()
+        img.flush()
+    finally:
+        img.close()

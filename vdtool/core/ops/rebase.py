@@ -12,22 +12,23 @@ from vdtool.core.stack import ImageStack, open_image
 
 
 def rebase(image: str, new_parent: Optional[str], *, parent_format: Optional[str] = None, unsafe: bool = False,
-           fmt: Optional[str] = None, parent_search=(), force: bool = False,
+           fmt: Optional[str] = None, parent_search=(), force: bool = False, untrusted: bool = False,
            progress: Progress = NO_PROGRESS) -> dict:
     """``new_parent`` None or "" makes the image stand alone."""
     stack = open_image(image, fmt, writable=True, parent_search=parent_search, force=force or unsafe,
-                       chain=not unsafe)
+                       chain=not unsafe, untrusted=untrusted)
     newp = None
     try:
         top = stack.top
         if not top.capabilities & Cap.DIFF:
             raise NotSupported("rebase", top.name, image, "the format cannot record a parent")
         if new_parent:
-            newp = open_parent(new_parent, parent_format, parent_search)
+            newp = open_parent(new_parent, parent_format, parent_search, untrusted=untrusted)
             for layer in newp.layers:
                 if _same(layer.path, top.path):
                     raise UsageError(f"{new_parent} has {image} in its own chain: that would make a loop")
         if not unsafe:
+            top.defer_identity_change()  # IMAGE reads as before: its children stay valid
             _copy_differences(stack, newp, progress.sub(0, 95))
             top.flush()
         top.set_parent(parent_spec(top.path, newp) if newp is not None else None)

@@ -25,10 +25,11 @@ def allocated_in(stack, start: int, end: int) -> int:
 
 
 def resize(path: str, size, fmt: Optional[str] = None, *, shrink: bool = False, parent_search=(),
-           force: bool = False, progress: Progress = NO_PROGRESS) -> dict:
+           force: bool = False, untrusted: bool = False, progress: Progress = NO_PROGRESS) -> dict:
     """``size``: bytes, or a string SIZE / +SIZE / -SIZE.  Returns
     ``{"filename", "old-size", "new-size", "lost-allocated-bytes"}``."""
-    stack = open_image(path, fmt, writable=True, parent_search=parent_search, force=force)
+    stack = open_image(path, fmt, writable=True, parent_search=parent_search, force=force,
+                       untrusted=untrusted)
     try:
         top = stack.top
         old = top.virtual_size
