@@ -203,6 +203,12 @@ def progress_options(f):
     )(f)
 
 
+def force_open_option(f):
+    return click.option("--force", "force", is_flag=True,
+                        help="Open images anyway when a parent's UUID/CID/modification UUID does not match "
+                             "what the child recorded, or a checksum is wrong but the data is readable.")(f)
+
+
 def output_option(f):
     return click.option("--output", "output", type=click.Choice(["text", "json"]), default="text",
                         show_default=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vdtool.commands._common import (CONTEXT_SETTINGS, force_share_option, format_option, image_options,
+from vdtool.commands._common import (CONTEXT_SETTINGS, force_open_option, force_share_option, format_option, image_options,
                                      output_option, print_json)
 
 EXIT_NO_CHECK = 63
@@ -34,9 +34,10 @@ Exit status:
 @output_option
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing (text output); the exit status tells.")
 @force_share_option
+@force_open_option
 @image_options
 @click.argument("file", metavar="FILE", type=click.Path(dir_okay=True))
-def command(file, fmt, repair, output, quiet, force_share, parent_search, untrusted):
+def command(file, fmt, repair, output, quiet, force_share, parent_search, untrusted, force):
     """Check the metadata of the image FILE.
 
     Tables in range, no block used twice, reference counts and checksums
@@ -53,7 +54,7 @@ def command(file, fmt, repair, output, quiet, force_share, parent_search, untrus
     from vdtool.core.ops.check import check
 
     try:
-        result = check(file, fmt, repair=repair, parent_search=parent_search, untrusted=untrusted,
+        result = check(file, fmt, repair=repair, parent_search=parent_search, force=force, untrusted=untrusted,
                        force_share=force_share)
     except NotSupported as e:
         if getattr(e, "op", None) != "check":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vdtool.commands._common import (CONTEXT_SETTINGS, format_option, image_options, long_operation,
+from vdtool.commands._common import (CONTEXT_SETTINGS, force_open_option, format_option, image_options, long_operation,
                                      progress_options, say)
 
 EPILOG = """\b
@@ -18,9 +18,10 @@ Examples:
                short_help="Release unused and zero blocks, shrink the file.")
 @format_option()
 @progress_options
+@force_open_option
 @image_options
 @click.argument("file", metavar="FILE", type=click.Path(dir_okay=True))
-def command(file, fmt, show_progress, quiet, parent_search, untrusted):
+def command(file, fmt, show_progress, quiet, parent_search, untrusted, force):
     """Compact the image FILE in place.
 
     Blocks that read as zeros and blocks the format marks unused are
@@ -36,7 +37,7 @@ def command(file, fmt, show_progress, quiet, parent_search, untrusted):
     from vdtool.core.sizes import format_size
 
     with long_operation("Compacting", quiet=quiet, show_progress=show_progress) as progress:
-        result = compact(file, fmt, parent_search=parent_search, untrusted=untrusted, progress=progress)
+        result = compact(file, fmt, parent_search=parent_search, force=force, untrusted=untrusted, progress=progress)
     before, after = result["before"], result["after"]
     say(quiet, f"Compacted '{file}': {format_size(before)} -> {format_size(after)} on disk "
                f"({format_size(max(before - after, 0))} released)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vdtool.commands._common import (CONTEXT_SETTINGS, FORMAT, SIZE, UUID, create_options, image_options,
+from vdtool.commands._common import (CONTEXT_SETTINGS, warn, FORMAT, SIZE, UUID, create_options, image_options,
                                      long_operation, print_format_options, progress_options,
                                      say, wants_option_help)
 
@@ -66,3 +66,5 @@ def command(file, size, fmt, variant, block_size, parent, parent_format, options
         if parent_format:
             line += f" backing_fmt={parent_format}"
     say(quiet, line)
+    if result.get("message"):
+        warn(quiet, result["message"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vdtool.commands._common import (CONTEXT_SETTINGS, RANGE, format_option, image_options, long_operation,
+from vdtool.commands._common import (CONTEXT_SETTINGS, force_open_option, RANGE, format_option, image_options, long_operation,
                                      progress_options, say)
 
 EPILOG = """\b
@@ -21,10 +21,11 @@ Examples:
 @click.option("--zeroes", is_flag=True,
               help="Find every block that reads as zeros and release it (the data does not change).")
 @progress_options
+@force_open_option
 @image_options
 @click.argument("file", metavar="FILE", type=click.Path(dir_okay=True))
 @click.argument("ranges", nargs=-1, metavar="[RANGE]...", type=RANGE)
-def command(file, ranges, fmt, zeroes, show_progress, quiet, parent_search, untrusted):
+def command(file, ranges, fmt, zeroes, show_progress, quiet, parent_search, untrusted, force):
     """Discard ranges of the image FILE.
 
     RANGE is OFFSET:LENGTH, both sizes (1M:64K).  Afterwards the ranges read
@@ -41,7 +42,7 @@ def command(file, ranges, fmt, zeroes, show_progress, quiet, parent_search, untr
     from vdtool.core.sizes import format_size
 
     with long_operation("Discarding", quiet=quiet, show_progress=show_progress) as progress:
-        result = discard(file, list(ranges), zeroes=zeroes, fmt=fmt, parent_search=parent_search,
+        result = discard(file, list(ranges), zeroes=zeroes, fmt=fmt, parent_search=parent_search, force=force,
                          untrusted=untrusted, progress=progress)
     n = result.get("discarded-bytes", 0)
     say(quiet, f"Discarded {n} bytes ({format_size(n)}) of '{file}'")

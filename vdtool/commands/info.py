@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vdtool.commands._common import (CONTEXT_SETTINGS, force_share_option, format_option, image_options,
+from vdtool.commands._common import (CONTEXT_SETTINGS, force_open_option, force_share_option, format_option, image_options,
                                      output_option, print_json)
 
 EPILOG = """\b
@@ -21,9 +21,10 @@ Examples:
               help="Report every image from FILE down to its base image (JSON: a list under 'chain').")
 @output_option
 @force_share_option
+@force_open_option
 @image_options
 @click.argument("file", metavar="FILE", type=click.Path(dir_okay=True))
-def command(file, fmt, chain, output, force_share, parent_search, untrusted):
+def command(file, fmt, chain, output, force_share, parent_search, untrusted, force):
     """Show facts about the image FILE.
 
     Format, variant, virtual size, size on disk, cluster (block) size, UUID,
@@ -42,7 +43,7 @@ def command(file, fmt, chain, output, force_share, parent_search, untrusted):
     another format, are reported with a warning on stderr."""
     from vdtool.core.ops.info import human_lines, info
 
-    result = info(file, fmt, chain=chain, parent_search=parent_search, untrusted=untrusted,
+    result = info(file, fmt, chain=chain, parent_search=parent_search, force=force, untrusted=untrusted,
                   force_share=force_share)
     if output == "json":
         print_json(result)

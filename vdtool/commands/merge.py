@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vdtool.commands._common import (CONTEXT_SETTINGS, format_option, image_options, long_operation,
+from vdtool.commands._common import (CONTEXT_SETTINGS, force_open_option, format_option, image_options, long_operation,
                                      progress_options, say, warn)
 
 EPILOG = """\b
@@ -28,9 +28,10 @@ Examples:
 @click.option("--keep", is_flag=True, help="With --into parent: keep the merged images instead of deleting "
                                            "them.")
 @progress_options
+@force_open_option
 @image_options
 @click.argument("image", metavar="IMAGE", type=click.Path(dir_okay=True))
-def command(image, fmt, into, base, keep, show_progress, quiet, parent_search, untrusted):
+def command(image, fmt, into, base, keep, show_progress, quiet, parent_search, untrusted, force):
     """Merge the images of IMAGE's chain.
 
     With --into parent (the default) BASE afterwards reads as IMAGE did;
@@ -46,7 +47,7 @@ def command(image, fmt, into, base, keep, show_progress, quiet, parent_search, u
     from vdtool.core.ops.merge import merge
 
     with long_operation("Merging", quiet=quiet, show_progress=show_progress) as progress:
-        result = merge(image, into=into, base=base, keep=keep, fmt=fmt, parent_search=parent_search,
+        result = merge(image, into=into, base=base, keep=keep, fmt=fmt, parent_search=parent_search, force=force,
                        untrusted=untrusted, progress=progress)
     for w in result.get("warnings", ()):
         warn(quiet, w)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vdtool.commands._common import (CONTEXT_SETTINGS, FORMAT, format_option, image_options, long_operation,
+from vdtool.commands._common import (CONTEXT_SETTINGS, force_open_option, FORMAT, format_option, image_options, long_operation,
                                      progress_options, say)
 
 EPILOG = """\b
@@ -25,9 +25,10 @@ Examples:
               help="Only rewrite the parent reference, copy no data (for a parent that was moved or "
                    "renamed, or one known to hold the same data).")
 @progress_options
+@force_open_option
 @image_options
 @click.argument("image", metavar="IMAGE", type=click.Path(dir_okay=True))
-def command(image, fmt, parent, parent_format, unsafe, show_progress, quiet, parent_search, untrusted):
+def command(image, fmt, parent, parent_format, unsafe, show_progress, quiet, parent_search, untrusted, force):
     """Change the parent of the image IMAGE to NEWPARENT.
 
     In safe mode (the default) every range where the old and the new parent
@@ -41,7 +42,7 @@ def command(image, fmt, parent, parent_format, unsafe, show_progress, quiet, par
 
     with long_operation("Rebasing", quiet=quiet, show_progress=show_progress) as progress:
         rebase(image, parent or None, parent_format=parent_format, unsafe=unsafe, fmt=fmt,
-               parent_search=parent_search, untrusted=untrusted, progress=progress)
+               parent_search=parent_search, force=force, untrusted=untrusted, progress=progress)
     if parent:
         say(quiet, f"Rebased '{image}' onto '{parent}'" + (" (unsafe: reference only)" if unsafe else ""))
     else:

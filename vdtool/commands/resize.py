@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vdtool.commands._common import (CONTEXT_SETTINGS, RELATIVE_SIZE, NegativeSizeCommand, format_option,
+from vdtool.commands._common import (CONTEXT_SETTINGS, force_open_option, RELATIVE_SIZE, NegativeSizeCommand, format_option,
                                      image_options, long_operation, progress_options, say,
                                      warn)
 
@@ -23,10 +23,11 @@ Examples:
               help="Allow making the disk smaller; data past the new end is lost (the command says how "
                    "much of it was allocated). Shrink the file systems and partitions inside first.")
 @progress_options
+@force_open_option
 @image_options
 @click.argument("file", metavar="FILE", type=click.Path(dir_okay=True))
 @click.argument("size", metavar="SIZE", type=RELATIVE_SIZE)
-def command(file, size, fmt, shrink, show_progress, quiet, parent_search, untrusted):
+def command(file, size, fmt, shrink, show_progress, quiet, parent_search, untrusted, force):
     """Change the virtual size of the image FILE to SIZE.
 
     SIZE is absolute, or +SIZE / -SIZE relative to the current size
@@ -40,7 +41,7 @@ def command(file, size, fmt, shrink, show_progress, quiet, parent_search, untrus
     from vdtool.core.sizes import format_size
 
     with long_operation("Resizing", quiet=quiet, show_progress=show_progress) as progress:
-        result = resize(file, size, fmt, shrink=shrink, parent_search=parent_search, untrusted=untrusted,
+        result = resize(file, size, fmt, shrink=shrink, parent_search=parent_search, force=force, untrusted=untrusted,
                         progress=progress)
     old, new = result["old-size"], result["new-size"]
     if result.get("lost-allocated-bytes"):

@@ -272,15 +272,21 @@ def open_backend(path: str, fmt: Optional[str] = None, *, writable: bool = False
 
 def open_image(path: str, fmt: Optional[str] = None, *, writable: bool = False, parent_search=(),
                force: bool = False, allow_missing_parent: bool = False, chain: bool = True,
-               untrusted: bool = False, force_share: bool = False) -> ImageStack:
+               untrusted: bool = False, force_share: bool = False,
+               allow_mismatch: bool = False) -> ImageStack:
     """Open ``path`` and its chain of parents.  The top is writable if asked;
     parents are read-only.  With ``allow_missing_parent`` a missing parent is
     recorded in ``stack.missing_parent`` instead of raising (for ``info``).
+    ``force`` (--force): parents whose identity does not match are read
+    anyway, and backends open images with recoverable damage (bad
+    checksums) they would otherwise refuse.  ``allow_mismatch`` only lets
+    identity mismatches through (``info`` reports them).
     ``untrusted`` and ``force_share``: see ``open_backend``; an untrusted
     image has no parents (a reference to one is refused)."""
     warnings: list = []
+    options = {"force": True} if force else None
     top = open_backend(path, fmt, writable=writable, untrusted=untrusted, force_share=force_share,
-                       warnings=warnings)
+                       warnings=warnings, options=options)
     layers = [top]
     top_dir = os.path.dirname(os.path.abspath(path))
     seen = {_file_id(path)}
@@ -315,11 +321,12 @@ def open_image(path: str, fmt: Optional[str] = None, *, writable: bool = False, 
             if fid in seen:
                 raise ChainError(f"chain of parents loops back to {ppath}", current.path)
             seen.add(fid)
-            parent = open_backend(ppath, ref.format, writable=False, force_share=force_share, warnings=warnings)
+            parent = open_backend(ppath, ref.format, writable=False, force_share=force_share, warnings=warnings,
+                                  options=options)
             probed = not ref.format
             layers.append(parent)
             mismatch = check_parent_identity(current, parent, ref)
-            if mismatch and not force:
+            if mismatch and not (force or allow_mismatch):
                 raise ChainError(mismatch + " (--force reads it anyway)", current.path)
             current = parent
     except BaseException:

@@ -16,7 +16,7 @@ def check(path: str, fmt: Optional[str] = None, *, repair: Optional[str] = None,
     if repair not in (None, "leaks", "all"):
         raise UsageError(f"--repair takes leaks or all, not {repair!r}")
     img = open_backend(path, fmt, writable=repair is not None, untrusted=untrusted, force_share=force_share,
-                       options={"check": True, "repair": True} if repair else {"check": True})
+                       options={"check": True, "repair": bool(repair), "force": force})
     try:
         if not img.capabilities & Cap.CHECK:
             raise NotSupported("check", img.name, path)

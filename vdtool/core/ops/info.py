@@ -51,7 +51,8 @@ def image_info(layer, parent_path: Optional[str] = None, parent_found: Optional[
 def info(path: str, fmt: Optional[str] = None, *, chain: bool = False, parent_search=(),
          force: bool = False, untrusted: bool = False, force_share: bool = False) -> dict:
     """One image's facts, or with ``chain`` ``{"chain": [top, ..., base]}``."""
-    stack = open_image(path, fmt, parent_search=parent_search, force=True, allow_missing_parent=True,
+    stack = open_image(path, fmt, parent_search=parent_search, force=force, allow_mismatch=True,
+                       allow_missing_parent=True,
                        chain=True, untrusted=untrusted, force_share=force_share)
     try:
         layers = list(reversed(stack.layers))  # top first
