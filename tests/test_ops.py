@@ -1137,7 +1137,8 @@ def _present(name):
 
 
 @requires_qcow2
-@pytest.mark.parametrize("pfmt,qfmt", [("vdi", "vdi"), ("vmdk", "vmdk"), ("vhd", "vpc")])
+@pytest.mark.parametrize("pfmt,qfmt", [("vdi", "vdi"), ("vmdk", "vmdk"),
+                                       ("vhd", "vpc")])
 def test_qcow2_overlay_over_other_format_opens_in_qemu(tmp_path, pfmt, qfmt):
     """The backing-format extension of a qcow2 holds qemu's driver name:
     over a VHD it must say "vpc" (qemu has no "vhd" driver)."""

@@ -572,7 +572,7 @@ def _format_present(name):
 
 
 @requires_qcow2
-@pytest.mark.parametrize("base", ["vdi", "vhd", "vmdk"])
+@pytest.mark.parametrize("base", ["vdi", "vmdk", "vhd"])
 def test_qcow2_over_other_formats(base):
     # chains may mix formats: a qcow2 overlay over a base qemu-img made in
     # another format, merged into it and rebased off it at the end

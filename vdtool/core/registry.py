@@ -47,6 +47,15 @@ def _plugin_specs() -> dict:
     return _plugins
 
 
+# Where vdtool's format name differs from the name QEMU's driver has (which
+# is what qcow2's backing-format extension must hold for qemu-img to open it).
+QEMU_DRIVER_NAMES = {"vhd": "vpc"}
+
+
+def qemu_driver_name(name: str) -> str:
+    return QEMU_DRIVER_NAMES.get(name, name)
+
+
 def canonical_name(name: str) -> str:
     n = name.strip().lower()
     n = ALIASES.get(n, n)

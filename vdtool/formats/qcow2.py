@@ -47,6 +47,7 @@ from collections import OrderedDict
 from typing import Optional
 
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, ParentRef, ParentSpec, Status
+from vdtool.core.registry import qemu_driver_name
 from vdtool.core.errors import (CorruptImageError, FormatError, NotSupported, ReadOnlyError, UnsupportedFeature,
                                 UsageError, VdError)
 from vdtool.core.fileio import ImageFile
@@ -1679,7 +1680,7 @@ class Qcow2Backend(ImageBackend):
                 b._header_extra = bytes(8)
             exts = []
             if parent is not None and parent.format:
-                exts.append([EXT_BACKING_FORMAT, parent.format.encode()])
+                exts.append([EXT_BACKING_FORMAT, qemu_driver_name(parent.format).encode()])
             if version >= 3 and cs > 4096:  # qemu-img 7.2 leaves the table out of small clusters
                 exts.append([EXT_FEATURE_TABLE, b"".join(FEATURE_NAME.pack(k, bit, n) for k, bit, n in FEATURE_TABLE)])
             b._exts = exts
@@ -1809,10 +1810,21 @@ class Qcow2Backend(ImageBackend):
             self._flush_metadata()
             self._write_size_l1()
             return
-        # shrink: zero the tail of the new last cluster, drop every cluster past it
+        # shrink: the smaller size goes into the header first, so a crash
+        # while the part past it is zeroed and released leaves the new
+        # content (and at worst leaked clusters), never a disk of the old
+        # size with part of its end already gone.
+        self._flush_metadata()
+        self._size = new_size
+        self._write_size_l1()
+        # then zero the tail of the new last cluster, drop every cluster past it
         tail = _ceil_div(new_size, cs) * cs - new_size
         if tail:
-            self._zero_partial_raw(new_size, min(tail, old_size - new_size))
+            self._size = old_size  # (the zeroing writes past the new end)
+            try:
+                self._zero_partial_raw(new_size, min(tail, old_size - new_size))
+            finally:
+                self._size = new_size
         first_gone = _ceil_div(new_size, cs)
         last = _ceil_div(old_size, cs)
         l2b = self._l2_bits
@@ -1919,7 +1931,7 @@ class Qcow2Backend(ImageBackend):
         self._begin_write()
         self._flush_metadata()
         name = parent.recorded_name if parent is not None else None
-        fmt = parent.format if parent is not None else None
+        fmt = qemu_driver_name(parent.format) if parent is not None and parent.format else None
         backing = _encode_name(name) if name else None
         if backing is not None and len(backing) > MAX_BACKING_NAME:
             raise UsageError(f"backing file name is {len(backing)} bytes, above the limit of {MAX_BACKING_NAME}")
