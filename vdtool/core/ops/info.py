@@ -115,7 +115,7 @@ def human_lines(d: dict) -> list:
         for key, value in spec["data"].items():
             if key == "snapshots":
                 continue
-            lines.append(f"    {key}: {_fmt_value(value)}")
+            lines += _nested_lines(key, value, 4)
         snaps = spec["data"].get("snapshots")
         if snaps:
             lines.append("Snapshot list:")
@@ -129,6 +129,25 @@ def human_lines(d: dict) -> list:
     if d.get("external-references"):
         lines.append("external references: " + ", ".join(d["external-references"]))
     return lines
+
+
+def _nested_lines(key, value, indent: int) -> list:
+    """qemu-img's layout for nested format-specific data: lists as [i]:
+    entries, dicts as indented key: value lines."""
+    pad = " " * indent
+    if isinstance(value, dict):
+        out = [f"{pad}{key}:"]
+        for k, v in value.items():
+            out += _nested_lines(k, v, indent + 4)
+        return out
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (dict, list, tuple)) for v in value):
+        out = [f"{pad}{key}:"]
+        for i, v in enumerate(value):
+            out += _nested_lines(f"[{i}]", v, indent + 4)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [f"{pad}{key}: {', '.join(str(_fmt_value(v)) for v in value)}"]
+    return [f"{pad}{key}: {_fmt_value(value)}"]
 
 
 def _fmt_value(v):
