@@ -1,14 +1,27 @@
 #!/usr/bin/env python3
 """vdtool against qemu-img, on the same workloads, in alternation.
 
-    python3 bench/bench.py [--size 1G] [--runs 5] [--work DIR] [--only NAME ...]
+    python3 bench/bench.py [--size 1G] [--runs 5] [--work DIR] [--only WORD ...]
 
 Builds a workload (half random data in 1 MiB runs, a quarter written zeros,
-a quarter holes), then times each case as a whole process, vdtool and
-qemu-img taking turns (A B A B ...), after one warm-up pair.  Prints the
-median wall time of each, the median of the per-pair ratios vdtool/qemu-img,
-and each side's peak RSS.  Needs qemu-img on PATH; runs vdtool as
-``python -m vdtool`` with the interpreter running this script."""
+a quarter holes) and the images made from it, then times each case as a
+whole process, vdtool and qemu-img taking turns (A B A B ...), after one
+warm-up pair.  Prints the median wall time of each, the median of the
+per-pair ratios vdtool/qemu-img, and each side's peak RSS.
+
+Cases: convert raw->qcow2, raw->vdi, raw->vmdk, raw->vhd, qcow2->raw,
+vmdk->qcow2, raw->streamOptimized vmdk, raw->qcow2 -c; info on a 1 TiB
+qcow2 (start-up; the row "python -c pass" is the interpreter's own
+start-up, same environment); check on a 4 GiB qcow2 with 4 KiB clusters
+and preallocation=metadata (a million clusters); convert of a 100 GiB
+sparse raw image (peak memory).  ``--only`` keeps the cases whose name
+contains one of the words (``--only convert``, ``--only -c stream``).
+
+Needs qemu-img on PATH; runs vdtool as ``python -m vdtool`` with the
+interpreter running this script.  The environment of this checkout sets
+PYTHONDONTWRITEBYTECODE, which would make every vdtool run compile its
+sources (~45 ms); an installed vdtool has its bytecode, so the bench lets
+Python cache it under WORK/pycache (PYTHONPYCACHEPREFIX)."""
 
 from __future__ import annotations
 
@@ -73,7 +86,9 @@ def run_once(cmd: list, env=None) -> tuple:
     return wall, rusage.ru_maxrss
 
 
-def compare(name: str, vd_cmd: list, qemu_cmd: list, runs: int, setup=None) -> dict:
+def compare(name: str, vd_cmd: list, qemu_cmd: list, runs: int, setup=None, baseline=None) -> dict:
+    """Interleaved runs of the two commands (and of ``baseline``, a third
+    command whose median is reported beside them, when given)."""
     def one(cmd):
         if setup:
             setup()
@@ -81,10 +96,12 @@ def compare(name: str, vd_cmd: list, qemu_cmd: list, runs: int, setup=None) -> d
 
     one(vd_cmd)
     one(qemu_cmd)  # warm-up pair
-    vd, qm, ratios = [], [], []
+    vd, qm, base, ratios = [], [], [], []
     for _ in range(runs):
         a = one(vd_cmd)
         b = one(qemu_cmd)
+        if baseline:
+            base.append(run_once(baseline)[0])
         vd.append(a)
         qm.append(b)
         ratios.append(a[0] / b[0] if b[0] > 0 else float("inf"))
@@ -96,8 +113,13 @@ def compare(name: str, vd_cmd: list, qemu_cmd: list, runs: int, setup=None) -> d
         "vdtool_rss_mib": max(x[1] for x in vd) / 1024,
         "qemu_rss_mib": max(x[1] for x in qm) / 1024,
     }
-    print(f"{name:<34} {row['vdtool_s']:8.3f} s {row['qemu_s']:8.3f} s {row['ratio']:7.2f}x "
+    print(f"{name:<40} {row['vdtool_s']:8.3f} s {row['qemu_s']:8.3f} s {row['ratio']:7.2f}x "
           f"{row['vdtool_rss_mib']:7.1f} MiB {row['qemu_rss_mib']:7.1f} MiB", flush=True)
+    if baseline:
+        row["baseline_s"] = statistics.median(base)
+        extra = (row["vdtool_s"] - row["baseline_s"]) * 1000
+        print(f"{'  python -c pass':<40} {row['baseline_s']:8.3f} s   (vdtool info: {extra:+.0f} ms over it)",
+              flush=True)
     return row
 
 
@@ -107,6 +129,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="counted runs per side (default 5)")
     ap.add_argument("--work", default=os.path.join(HERE, "work"), help="scratch folder (default bench/work)")
     ap.add_argument("--only", nargs="*", help="run only cases whose name contains one of these words")
+    ap.add_argument("--markdown", action="store_true", help="also print the results as a Markdown table")
     args = ap.parse_args()
     qemu = shutil.which("qemu-img")
     if not qemu:
@@ -114,18 +137,54 @@ def main() -> None:
     size = parse_size(args.size)
     os.makedirs(args.work, exist_ok=True)
     w = lambda name: os.path.join(args.work, name)  # noqa: E731
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONPYCACHEPREFIX=w("pycache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ.clear()
     os.environ.update(env)
     vd = [sys.executable, "-m", "vdtool"]
+
+    def wanted(name):
+        return not args.only or any(word in name for word in args.only)
+
+    def made(name, cmd):
+        """Build an input image once per workload size (qemu-img makes them)."""
+        path = w(name)
+        stamp = path + ".size"
+        if os.path.exists(path) and os.path.exists(stamp) and open(stamp).read() == str(size):
+            return path
+        for p in (path, stamp):
+            if os.path.exists(p):
+                os.unlink(p)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with open(stamp, "w") as f:
+            f.write(str(size))
+        return path
 
     raw = w("workload.raw")
     print(f"workload: {raw} ({size >> 20} MiB: half random data, a quarter zeros, a quarter holes)", flush=True)
     make_workload(raw, size)
-    subprocess.run([qemu, "convert", "-O", "qcow2", raw, w("src.qcow2")], check=True)
+    src_qcow2 = made("src.qcow2", [qemu, "convert", "-O", "qcow2", raw, w("src.qcow2")])
+    src_vmdk = made("src.vmdk", [qemu, "convert", "-O", "vmdk", raw, w("src.vmdk")]) \
+        if wanted("convert vmdk->qcow2") else None
     if not os.path.exists(w("empty-1T.qcow2")):
         subprocess.run([qemu, "create", "-q", "-f", "qcow2", w("empty-1T.qcow2"), "1T"], check=True)
+    if wanted("check 4 KiB-cluster qcow2") and not os.path.exists(w("meta-4G.qcow2")):
+        subprocess.run([qemu, "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096,preallocation=metadata",
+                        w("meta-4G.qcow2"), "4G"], check=True)
+    if wanted("convert 100 GiB sparse") and not os.path.exists(w("sparse-100G.raw")):
+        with open(w("sparse-100G.raw"), "wb") as f:  # 100 GiB, 64 MiB of data spread over it
+            f.truncate(100 << 30)
+            rng = random.Random(99)
+            for i in range(64):
+                f.seek(i * (100 << 30) // 64)
+                f.write(rng.randbytes(MiB))
+
+    outputs = []
 
     def rm(*names):
+        outputs.extend(names)
+
         def go():
             for n in names:
                 try:
@@ -134,28 +193,50 @@ def main() -> None:
                     pass
         return go
 
+    def conv(label, src, ext, vd_opts, qm_opts):
+        a, b = f"vd-{label}.{ext}", f"qm-{label}.{ext}"
+        return (f"convert {label}", vd + ["convert", "-q"] + vd_opts + [src, w(a)],
+                [qemu, "convert"] + qm_opts + [src, w(b)], rm(a, b))
+
     cases = [
-        ("convert raw->qcow2", vd + ["convert", "-q", "-O", "qcow2", raw, w("vd.qcow2")],
-         [qemu, "convert", "-O", "qcow2", raw, w("qm.qcow2")], rm("vd.qcow2", "qm.qcow2")),
-        ("convert qcow2->raw", vd + ["convert", "-q", "-O", "raw", w("src.qcow2"), w("vd.raw")],
-         [qemu, "convert", "-O", "raw", w("src.qcow2"), w("qm.raw")], rm("vd.raw", "qm.raw")),
-        ("convert raw->qcow2 -c", vd + ["convert", "-q", "-c", "-O", "qcow2", raw, w("vdc.qcow2")],
-         [qemu, "convert", "-c", "-O", "qcow2", raw, w("qmc.qcow2")], rm("vdc.qcow2", "qmc.qcow2")),
-        ("info 1 TiB empty qcow2", vd + ["info", w("empty-1T.qcow2")], [qemu, "info", w("empty-1T.qcow2")], None),
-        ("check converted qcow2", vd + ["check", w("src.qcow2")], [qemu, "check", w("src.qcow2")], None),
+        conv("raw->qcow2", raw, "qcow2", ["-O", "qcow2"], ["-O", "qcow2"]),
+        conv("raw->vdi", raw, "vdi", ["-O", "vdi"], ["-O", "vdi"]),
+        conv("raw->vmdk", raw, "vmdk", ["-O", "vmdk"], ["-O", "vmdk"]),
+        conv("raw->vhd", raw, "vhd", ["-O", "vhd"], ["-O", "vpc"]),
+        conv("qcow2->raw", src_qcow2, "raw", ["-O", "raw"], ["-O", "raw"]),
+        conv("vmdk->qcow2", src_vmdk, "qcow2", ["-O", "qcow2"], ["-O", "qcow2"]),
+        conv("raw->streamOptimized vmdk", raw, "vmdk", ["-O", "vmdk", "--variant", "streamOptimized"],
+             ["-O", "vmdk", "-o", "subformat=streamOptimized"]),
+        conv("raw->qcow2 -c", raw, "qcow2", ["-c", "-O", "qcow2"], ["-c", "-O", "qcow2"]),
+        ("info 1 TiB qcow2 (start-up)", vd + ["info", w("empty-1T.qcow2")], [qemu, "info", w("empty-1T.qcow2")],
+         None, [sys.executable, "-c", "pass"]),
+        ("check 4 KiB-cluster qcow2 (1M clusters)", vd + ["check", w("meta-4G.qcow2")],
+         [qemu, "check", w("meta-4G.qcow2")], None),
+        conv("100 GiB sparse raw->qcow2 (memory)", w("sparse-100G.raw"), "qcow2", ["-O", "qcow2"], ["-O", "qcow2"]),
     ]
-    print(f"{'case':<34} {'vdtool':>10} {'qemu-img':>10} {'ratio':>8} {'vd RSS':>11} {'qemu RSS':>11}")
+    print(f"{'case':<40} {'vdtool':>10} {'qemu-img':>10} {'ratio':>8} {'vd RSS':>11} {'qemu RSS':>11}")
     rows = []
-    for name, a, b, setup in cases:
-        if args.only and not any(word in name for word in args.only):
-            continue
-        rows.append(compare(name, a, b, args.runs, setup))
-    for n in ("vd.qcow2", "qm.qcow2", "vd.raw", "qm.raw", "vdc.qcow2", "qmc.qcow2"):
-        try:
-            os.unlink(w(n))
-        except FileNotFoundError:
-            pass
+    try:
+        for name, a, b, setup, *base in cases:
+            if not wanted(name):
+                continue
+            rows.append(compare(name, a, b, args.runs, setup, base[0] if base else None))
+    finally:
+        for n in outputs:
+            try:
+                os.unlink(w(n))
+            except FileNotFoundError:
+                pass
     print("(medians of interleaved runs; ratio = median of per-pair vdtool/qemu-img wall-time ratios)")
+    if args.markdown:
+        print()
+        print("| case | vdtool | qemu-img | ratio | vdtool peak RSS | qemu-img peak RSS |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['case']} | {r['vdtool_s']:.3f} s | {r['qemu_s']:.3f} s | {r['ratio']:.2f}x "
+                  f"| {r['vdtool_rss_mib']:.0f} MiB | {r['qemu_rss_mib']:.0f} MiB |")
+            if "baseline_s" in r:
+                print(f"| python -c pass | {r['baseline_s']:.3f} s | | | | |")
 
 
 if __name__ == "__main__":

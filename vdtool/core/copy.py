@@ -54,16 +54,20 @@ def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool
         compressor = top.compress_block  # declared in ImageBackend
         from concurrent.futures import ThreadPoolExecutor  # only for -c: costs start-up time
 
-        pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
-    pending: list = []  # compressed blocks waiting to be written in order
+        workers = os.cpu_count() or 2
+        pool = ThreadPoolExecutor(max_workers=workers)
+        window = max(16, 8 * workers)  # blocks in flight: keeps every worker busy, memory bounded
+    from collections import deque
+
+    pending: deque = deque()  # (offset, data, future), written in disk order as they complete
+
+    def write_oldest():
+        off, raw, fut = pending.popleft()
+        top.write_compressed_block(off, fut.result(), raw)
 
     def flush_pending():
-        if not pending:
-            return
-        results = pool.map(lambda item: compressor(item[1]), pending)
-        for (off, raw), comp in zip(pending, results):
-            top.write_compressed_block(off, comp, raw)
-        pending.clear()
+        while pending:
+            write_oldest()
 
     def emit(off: int, n: int, has_base: bool) -> None:
         """Write the blocks of buf[:n] (disk offset ``off``) that need writing:
@@ -87,10 +91,11 @@ def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool
             if action == "zero":
                 top.write_zeroes(off + i, k, unmap=True)
             elif action == "data":
-                pending.append((off + i, bytes(buf[i:i + k])))
+                raw = bytes(buf[i:i + k])
+                pending.append((off + i, raw, pool.submit(compressor, raw)))
                 stats.written_bytes += k
-                if len(pending) >= 64:
-                    flush_pending()
+                while len(pending) >= window:
+                    write_oldest()
         if run_start is not None:
             top.write(off + run_start, memoryview(buf)[run_start:n])
             stats.written_bytes += n - run_start
@@ -143,7 +148,7 @@ def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool
             flush_pending()
     finally:
         if pool is not None:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=True, cancel_futures=True)
     return stats
 
 

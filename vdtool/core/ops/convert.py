@@ -9,6 +9,7 @@ from vdtool.core.backend import Cap
 from vdtool.core.copy import copy_stack
 from vdtool.core.digest import ContentDigest, digest_stack
 from vdtool.core.errors import NotSupported, UsageError, VdError
+from vdtool.core.fileio import deferred_sync
 from vdtool.core.ops.common import (backend_for_new_image, open_parent, output_format, parent_spec,
                                     same_file, stack_over, staged_output)
 from vdtool.core.progress import NO_PROGRESS, Progress
@@ -38,6 +39,10 @@ def convert(src: str, dst: str, *, src_format: Optional[str] = None, fmt: Option
     if compress and variant is None and getattr(backend, "compress_variant", None):
         # formats whose compression is a variant of its own (vmdk's streamOptimized)
         variant = backend.compress_variant
+    if variant is not None and variant == getattr(backend, "compress_variant", None):
+        # a variant that is always compressed (streamOptimized): let the copy
+        # engine compress in its thread pool instead of the backend, serially
+        compress = True
     opts = backend.parse_options(dict(options or {}))
     if compress and not backend.capabilities & Cap.COMPRESS:
         raise NotSupported("compression (-c)", name, dst)
@@ -58,14 +63,20 @@ def convert(src: str, dst: str, *, src_format: Optional[str] = None, fmt: Option
         digest = ContentDigest() if verify else None
         copy_part = progress.sub(0, 80 if verify else 100)
         with staged_output(dst, force) as tmp:
-            img = backend.create(tmp, size, variant=variant, block_size=block_size, parent=spec, options=opts)
-            try:
-                out = stack_over(pstack, img)
-                stats = copy_stack(source, out, base=pstack, compress=compress,
-                                   write_zeros=False, digest=digest, progress=copy_part)
-                img.flush()
-            finally:
-                img.close()
+            # The staged file is renamed into place only on success, so the
+            # fsyncs between data and metadata inside the copy protect
+            # nothing: deferred_sync() keeps the write order and fsyncs each
+            # new file once, when it is closed (before the rename).
+            with deferred_sync():
+                img = backend.create(tmp, size, variant=variant, block_size=block_size, parent=spec,
+                                     options=opts)
+                try:
+                    out = stack_over(pstack, img)
+                    stats = copy_stack(source, out, base=pstack, compress=compress,
+                                       write_zeros=False, digest=digest, progress=copy_part)
+                    img.flush()
+                finally:
+                    img.close()
             result = ConvertResult(dst, name, size, written_bytes=stats.written_bytes)
             if verify:
                 result.source_digest = digest.hexdigest()
