@@ -135,12 +135,15 @@ def read_probe_data(path: str):
 def probe_scores(path: str) -> dict:
     """Scores by content.  Built-in backends are imported only when their
     magic matched (start-up time), then their own probe gives the score;
-    third-party formats always probe; raw scores 1."""
+    third-party formats probe when no built-in one is sure; raw scores 1."""
     head, tail, size = read_probe_data(path)
     scores = _magic_scores(head, tail, size)
     scores["raw"] = 1
     candidates = [n for n in scores if n in BUILTIN and n != "raw"]
-    candidates += [n for n in _plugin_specs() if n not in BUILTIN]
+    if max(scores.values()) < 100:
+        # listing entry points costs ~15 ms of start-up: ask third-party
+        # formats only when no built-in format is sure of the file
+        candidates += [n for n in _plugin_specs() if n not in BUILTIN]
     for name in candidates:
         try:
             backend = get_backend(name)
