@@ -133,9 +133,9 @@ Exit status:
 def main(debug: bool) -> None:
     """vdtool: create, inspect, convert and maintain virtual disk images.
 
-    Formats: raw and qcow2 work; qcow, qed, vdi, vmdk, vhd (also called vpc),
-    vhdx, parallels and dmg are recognised and refused with "not implemented
-    yet".  Sizes are bytes or a number with a binary suffix (K M G T P E,
+    Formats: raw, qcow2, vdi, vmdk and vhd (also called vpc) work, alone and
+    in chains that mix them; qcow, qed, vhdx, parallels and dmg are
+    recognised and refused with "not implemented yet".  Sizes are bytes or a number with a binary suffix (K M G T P E,
     also KiB, MiB ...): 512, 64K, 10G, 1.5T.  An input image's format is
     probed from its content, never from its name, unless -f names one.  Run
     'vdtool COMMAND --help' for a command's options and examples."""

@@ -11,7 +11,8 @@ EPILOG = """\b
 Examples:
   vdtool rebase -b new-base.qcow2 overlay.qcow2     # overlay reads exactly as before
   vdtool rebase -u -b moved/base.qcow2 overlay.qcow2 # the parent was moved: fix the name only
-  vdtool rebase -b "" overlay.qcow2                 # make overlay stand alone"""
+  vdtool rebase -b "" overlay.qcow2                 # make overlay stand alone
+  vdtool rebase -b base.vdi -F vdi overlay.vhd      # a VHD overlay onto a VDI parent"""
 
 
 @click.command("rebase", context_settings=CONTEXT_SETTINGS, epilog=EPILOG,
@@ -33,7 +34,12 @@ def command(image, fmt, parent, parent_format, unsafe, show_progress, quiet, par
 
     In safe mode (the default) every range where the old and the new parent
     differ is first copied into IMAGE, so that IMAGE reads exactly as before.
-    With -u only the reference is rewritten.
+    With -u only the reference is rewritten.  Every format with differencing
+    images can be rebased, onto a parent of any format: qcow2 (backing file
+    and its format), VDI (parent UUID and modification UUID), VMDK
+    (parentFileNameHint and parentCID), VHD (parent locators, unique ID and
+    time stamp).  Data is written and flushed before the reference changes,
+    so an interrupted rebase leaves IMAGE reading as before.
 
     The image is locked as QEMU locks images (OFD locks on its lock
     bytes): an image that a running VM, qemu-img or another vdtool holds

@@ -302,6 +302,19 @@ class ImageBackend:
         """``repair`` is None, 'leaks' or 'all'."""
         raise NotSupported("check", self.name, self.path)
 
+    def defer_identity_change(self) -> None:
+        """The writes that follow keep what the image's children check
+        (VDI's modification UUID, VMDK's CID) until ``change_identity``:
+        ops that write data the image's readers already see (merge into
+        parent, compact, merge into child, safe rebase) use it, so that a
+        crash in the middle does not make the children refuse their parent.
+        Formats whose children check nothing that writes change need
+        nothing."""
+
+    def change_identity(self) -> None:
+        """Give the image a new modification identity now (written at the
+        next flush); for merge into parent, after the merged images are gone."""
+
     def set_parent(self, parent: Optional[ParentSpec]) -> None:
         """Rewrite the parent reference (rebase, merge into child)."""
         raise NotSupported("changing the parent", self.name, self.path)

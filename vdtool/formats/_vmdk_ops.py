@@ -27,6 +27,13 @@ def _sparse_resize(ext: SparseExtent, new_cap: int) -> None:
         raise UsageError(f"{ext.path}: {new_bytes} bytes need {new_entries} grain tables, more than "
                          f"{sp.MAX_GD_ENTRIES}")
     if new_cap < ext.capacity:
+        old_cap = ext.capacity
+        # The header (whose capacity is the extent's size) says so first: a
+        # crash while the grains past the new end are dropped then leaves the
+        # new size, never the old size with its end half gone.
+        ext.capacity = new_cap
+        ext.file.pwrite(0, ext.header_bytes())
+        ext.file.flush()
         first_gone = ceil_div(new_bytes, gb)
         last = first_gone - 1
         if new_bytes % gb and last >= 0:
@@ -35,7 +42,7 @@ def _sparse_resize(ext: SparseExtent, new_cap: int) -> None:
                 # the tail past the new end must read as zeros if the disk grows again
                 within = new_bytes - last * gb
                 ext.file.pwrite(e * SECTOR + within, bytes(gb - within))
-        total_grains = ceil_div(ext.capacity * SECTOR, gb)
+        total_grains = ceil_div(old_cap * SECTOR, gb)
         for g in range(first_gone, min(total_grains, new_entries * ext.gtes)):
             if ext.gte(g):
                 ext._set_gte(g, 0)
@@ -425,15 +432,19 @@ def check(img, repair: Optional[str] = None) -> CheckResult:
             el = lines[k] if k < len(lines) else None
             name = os.path.basename(e.path) if e.path else f"extent {k}"
             if el is not None and el.sectors != e.capacity and isinstance(e, SparseExtent):
-                res.corruptions += 1
-                res.messages.append(f"ERROR: descriptor gives extent {name} {el.sectors} sectors, its header "
-                                    f"{e.capacity}")
-                if fix:
+                # A sparse extent's size is its header's capacity; resize
+                # writes the header, then the descriptor, so an interrupted
+                # resize leaves a stale size in the descriptor: harmless, and
+                # -r leaks writes the header's size there.
+                res.leaks += 1
+                res.messages.append(f"Leaked: descriptor gives extent {name} {el.sectors} sectors, its header "
+                                    f"{e.capacity} (the header's size is used)")
+                if repair:
                     el.sectors = e.capacity
                     desc_changed = True
-                    res.corruptions_fixed += 1
+                    res.leaks_fixed += 1
             if isinstance(e, SparseExtent):
-                _check_sparse(e, res, fix, name)
+                _check_sparse(e, res, fix, name, fix_leaks=repair is not None)
                 res.image_end_offset = e.file.size()
             elif isinstance(e, FlatExtent):
                 need = e.file_offset + e.size
@@ -458,7 +469,20 @@ def check(img, repair: Optional[str] = None) -> CheckResult:
     return res
 
 
-def _check_sparse(e: SparseExtent, res: CheckResult, fix: bool, name: str) -> None:
+def _copy_table_to_redundant(e: SparseExtent, ti: int) -> None:
+    """Give redundant directory entry ``ti`` a table of its own, a copy of
+    the primary's (after an unclean shutdown left it empty)."""
+    area = e.gt_sectors * SECTOR
+    off = e._alloc(area)
+    e.file.pwrite(off, le_u32_bytes(e.gt(ti)).ljust(area, b"\0"))
+    e.file.flush()
+    e.rgd[ti] = off // SECTOR
+    e.write_directories()
+    e.file.flush()
+
+
+def _check_sparse(e: SparseExtent, res: CheckResult, fix: bool, name: str, fix_leaks: bool = False) -> None:
+    repair_leaks = fix or fix_leaks
     fs = e.file.size()
     gb = e.grain_bytes
     total_grains = ceil_div(e.size, gb)
@@ -485,6 +509,16 @@ def _check_sparse(e: SparseExtent, res: CheckResult, fix: bool, name: str) -> No
         for ti in range(e.gd_entries):
             a, b = e.gd[ti], e.rgd[ti]
             if (a == 0) != (b == 0):
+                if e.unclean and a and not b:
+                    # the primary directory is written first: a new table the
+                    # redundant directory does not know yet (unclean shutdown)
+                    res.leaks += 1
+                    res.messages.append(f"Leaked: {name}: redundant grain directory entry {ti} is stale "
+                                        f"(unclean shutdown)")
+                    if fix or fix_leaks:
+                        _copy_table_to_redundant(e, ti)
+                        res.leaks_fixed += 1
+                    continue
                 res.corruptions += 1
                 res.messages.append(f"ERROR: {name}: grain directory entry {ti} is {a}, redundant entry {b}")
                 continue
@@ -492,7 +526,15 @@ def _check_sparse(e: SparseExtent, res: CheckResult, fix: bool, name: str) -> No
                 continue
             t = le_u32_bytes(e.gt(ti))
             rt = e.file.pread(b * SECTOR, e.gt_bytes)
-            if t != rt:
+            if t != rt and e.unclean and a != b:
+                # after an unclean shutdown the redundant copy may lag the
+                # primary (written first, see flush_metadata): harmless
+                res.leaks += 1
+                res.messages.append(f"Leaked: {name}: redundant grain table {ti} is stale (unclean shutdown)")
+                if fix or fix_leaks:
+                    e.file.pwrite(b * SECTOR, t)
+                    res.leaks_fixed += 1
+            elif t != rt:
                 res.corruptions += 1
                 res.messages.append(f"ERROR: {name}: grain table {ti} differs from its redundant copy")
                 if fix:
@@ -509,7 +551,16 @@ def _check_sparse(e: SparseExtent, res: CheckResult, fix: bool, name: str) -> No
         bad = None
         h = v * SECTOR
         if g >= total_grains:
-            bad = f"grain table entry for grain {g} lies beyond the disk's {total_grains} grains"
+            # what an interrupted shrink leaves (the header's smaller
+            # capacity is written first): out of sight, so a leak
+            res.leaks += 1
+            res.messages.append(f"Leaked: {name}: grain table entry for grain {g} lies beyond the disk's "
+                                f"{total_grains} grains")
+            if repair_leaks:
+                e._set_gte(g, 0)
+                e._released.clear()
+                res.leaks_fixed += 1
+            continue
         elif h >= fs:
             bad = f"grain {g} at sector {v} points past the end of the file ({fs} bytes)"
         else:
@@ -554,3 +605,7 @@ def _check_sparse(e: SparseExtent, res: CheckResult, fix: bool, name: str) -> No
         if e.compressed:
             res.compressed_clusters += 1
     e.flush_metadata()
+    if (fix or fix_leaks) and e.unclean and e.writable:
+        e.unclean = 0  # the redundant tables are in step again
+        e.file.pwrite(0, e.header_bytes())
+        e.file.flush()

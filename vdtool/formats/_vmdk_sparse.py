@@ -471,6 +471,15 @@ class SparseExtent:
             return
         if sync:
             self.file.flush()  # data before the tables that point at it
+        mark = sync and self.rgd is not None and not self.unclean
+        if mark:
+            # Primary and redundant tables are two writes: a crash between
+            # them leaves them out of step.  uncleanShutdown says so (as
+            # VMware uses it), and check then treats a stale redundant copy
+            # as harmless (a leak that -r leaks rewrites), not as corruption.
+            self.unclean = 1
+            self.file.pwrite(0, self.header_bytes())
+            self.file.flush()
         for ti in sorted(self._gt_dirty):
             raw = le_u32_bytes(self._gt_cache[ti])
             self.file.pwrite(self.gd[ti] * SECTOR, raw)
@@ -483,6 +492,10 @@ class SparseExtent:
             self.write_directories()
             self._gd_dirty = False
         if sync:
+            self.file.flush()
+        if mark:
+            self.unclean = 0  # both copies are in step again
+            self.file.pwrite(0, self.header_bytes())
             self.file.flush()
         released, self._released = self._released, []
         data_start = self.overhead * SECTOR

@@ -480,6 +480,13 @@ class VdiBackend(ImageBackend):
             self.uuidModify = uuidlib.uuid4().bytes_le
             self._hdr_dirty = True
 
+    def defer_identity_change(self) -> None:
+        self._modified = True  # no new modification UUID for this session's writes
+
+    def change_identity(self) -> None:
+        self.uuidModify = uuidlib.uuid4().bytes_le
+        self._hdr_dirty = True
+
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.virtual_size:
             raise VdError(f"range {offset}+{length} is outside the disk (virtual size {self.virtual_size})",
@@ -837,6 +844,13 @@ class VdiBackend(ImageBackend):
         new_blocks = (new_size + bs - 1) // bs
         old_size = self.virtual_size
         if new_size < old_size:
+            # The smaller size goes into the header first: a crash while the
+            # blocks past it are released then leaves the new content (and
+            # leaked blocks at worst), never the old size with its end gone.
+            self.cbDisk = new_size
+            self._hdr_dirty = True
+            self._sync_metadata()
+            self.file.flush()
             # bytes past the new end inside the last kept block must read as zeros if the disk grows again
             if new_size & (bs - 1) and new_blocks <= self.cBlocks:
                 b = new_blocks - 1

@@ -308,7 +308,8 @@ class VhdBackend(ImageBackend):
         f = ImageFile(path, writable=writable)
         try:
             b = cls(f)
-            b._force = bool(options and options.get("force"))
+            # check must be able to open what it reports on and repairs
+            b._force = bool(options and (options.get("force") or options.get("check")))
             try:
                 b._load()
             except (struct.error, ValueError, OverflowError, IndexError, UnicodeError) as e:
@@ -1088,13 +1089,17 @@ class VhdBackend(ImageBackend):
             raise NotSupported("a parent image", "vhd", self.path, "fixed VHDs cannot be differencing disks")
         self.flush()
         if parent is None:
-            self._parent_uid, self._parent_ts, self._parent_name = bytes(16), 0, ""
-            self._locators = []
-            self._write_header()
-            self.file.flush()
+            # Footer first: once it says "dynamic" the parent fields of the
+            # header are ignored, so a crash between the two writes leaves a
+            # standalone disk.  (Header first left a differencing disk whose
+            # parent UUID was zero: it no longer opened.)
             self._type = TYPE_DYNAMIC
             self.footer.disk_type = TYPE_DYNAMIC
             self._write_footer()
+            self.file.flush()
+            self._parent_uid, self._parent_ts, self._parent_name = bytes(16), 0, ""
+            self._locators = []
+            self._write_header()
             self.file.flush()
             return
         pimg = parent.image
@@ -1120,6 +1125,12 @@ class VhdBackend(ImageBackend):
         # come later); blocks in the way move to the end
         start = _round_up(max(self._table_offset + self._max_entries * 4, self._header_offset + HEADER_SIZE),
                           SECTOR)
+        if self._type == TYPE_DIFF:
+            # Never overwrite the locators the header on disk points at: a
+            # crash before the new header is written would leave the old
+            # header naming half-written paths.  The new data goes past them.
+            for loc in self._locators:
+                start = max(start, _round_up(loc["offset"] + loc["space"], SECTOR))
         spaces = [_round_up(max(len(d), SECTOR), SECTOR) for _, d in datas]
         need_end = start + sum(spaces)
         self._make_room(start, need_end)
@@ -1157,7 +1168,10 @@ class VhdBackend(ImageBackend):
             old = self._bat[i] * SECTOR
             self.file.readinto(old, buf)
             new = self._next_free
-            self.file.pwrite(new, buf)
+            # the block and a footer behind it in one write: the block lands
+            # where the end footer was, and a crash before the footer is
+            # written again must not leave the file without one
+            self.file.pwrite(new, bytes(buf) + self.footer.pack())
             self._next_free = new + slot
             moved[i] = new
         self._write_footer()
@@ -1199,10 +1213,21 @@ class VhdBackend(ImageBackend):
         bs = self._block
         need = -(-new_size // bs)
         if new_size < self._size:
+            old_size = self._size
+            # The smaller size goes into the footer first: from then on the
+            # part past the new end is out of sight, so a crash while it is
+            # zeroed and its blocks released leaves the new content (and at
+            # worst leaked blocks), never a disk that reads neither old nor
+            # new, or a header whose table no longer covers the old size.
+            self.flush()
+            self._set_size_fields(new_size)
+            self._size = new_size
+            self._write_footer()
+            self.file.flush()
             if new_size % bs:
                 idx = new_size // bs
                 if self._bat[idx] != UNUSED and idx not in self._bad:
-                    cut = min((idx + 1) * bs, self._size)
+                    cut = min((idx + 1) * bs, old_size)
                     k = new_size
                     while k < cut:
                         m = min(len(_ZERO_CHUNK), cut - k)
@@ -1389,7 +1414,16 @@ class VhdBackend(ImageBackend):
             self._require_writable()
         fix_all = repair == "all"
         ft = self.footer
+        stale = 0
         for kind, msg in self._problems:
+            if kind == "footer-copy" and self._type != TYPE_FIXED:
+                # The footer at the end is good and is the one used; the copy
+                # at offset 0 is written after it, so a crash between the two
+                # writes leaves it stale: harmless, rewritten by -r leaks.
+                stale += 1
+                r.leaks += 1
+                r.messages.append(msg + " (stale copy; the footer at the end is used)")
+                continue
             r.corruptions += 1
             r.messages.append(msg)
         chs = ft.cylinders * ft.heads * ft.sectors_per_track
@@ -1432,12 +1466,15 @@ class VhdBackend(ImageBackend):
             for i in leaks:
                 self._release(i)
                 r.leaks_fixed += 1
-            if fix_all and self._problems:
+            if stale:
+                r.leaks_fixed += stale
+                self._footer_dirty = True
+            if fix_all and len(self._problems) > stale:
                 if any(k == "header-checksum" for k, _ in self._problems):
                     self._write_header()
-                r.corruptions_fixed += len(self._problems)
+                r.corruptions_fixed += len(self._problems) - stale
                 self._footer_dirty = True
-            if fix_all or leaks:
+            if fix_all or leaks or stale:
                 self._trim_tail()
                 self.flush()
                 self._write_footer()

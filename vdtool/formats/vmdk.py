@@ -429,6 +429,13 @@ class VmdkBackend(ImageBackend):
             raise VdError(f"write of {length} bytes at offset {offset} is outside the disk "
                           f"(virtual size {self.virtual_size})", self.path)
 
+    def defer_identity_change(self) -> None:
+        self._cid_bumped = True  # keep the CID children recorded as parentCID
+
+    def change_identity(self) -> None:
+        self._cid_bumped = False
+        self._begin_write()
+
     def _begin_write(self) -> None:
         """First change of a session: a new CID, as VMware does."""
         if self._cid_bumped or self._stream is not None:

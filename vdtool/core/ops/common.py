@@ -91,8 +91,21 @@ def staged_output(final_path: str, force: bool):
             # VMDK descriptor and its extents) never shows under the final
             # name before the files it names are in place
             final = os.path.basename(final_path)
-            for name in sorted(names, key=lambda n: n == final):
-                os.replace(os.path.join(stage, name), os.path.join(folder, name))
+            moved = []
+            try:
+                for name in sorted(names, key=lambda n: n == final):
+                    os.replace(os.path.join(stage, name), os.path.join(folder, name))
+                    moved.append(name)
+            except OSError as e:
+                # a failed rename (EIO...) must not leave the staging folder,
+                # nor parts of the image without the file that names them
+                for done in moved:
+                    try:
+                        os.unlink(os.path.join(folder, done))
+                    except OSError:
+                        pass
+                shutil.rmtree(stage, ignore_errors=True)
+                raise VdError(f"could not move the new image into place: {e.strerror or e}", final_path) from None
             _fsync_dir(folder)
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -142,3 +155,30 @@ def same_file(a: str, b: str) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return os.path.abspath(a) == os.path.abspath(b)
+
+
+def write_explicit_zeroes(top, offset: int, length: int) -> None:
+    """Make ``top`` itself record zeros over [offset, offset+length), whatever
+    its current parent shows there.  For rebase and merge into child, whose
+    parent is about to change: a backend's write_zeroes may leave a range
+    unallocated where the *current* parent reads zeros (VHD always, VDI for
+    part of a block), which the new parent would then show through.  Whole
+    blocks of formats with zero markers get markers; the rest zero data."""
+    from vdtool.core.backend import Cap
+
+    block = max(top.block_size, 512)
+    pos, end = offset, offset + length
+    markers = bool(top.capabilities & Cap.ZERO_MARKER)
+    zero = bytes(min(block, 1 << 20))
+    while pos < end:
+        n = min(block - pos % block, end - pos)
+        whole = pos % block == 0 and (n == block or pos + n >= top.virtual_size)
+        if markers and whole:
+            top.write_zeroes(pos, n, unmap=True)
+        else:
+            k = 0
+            while k < n:
+                m = min(len(zero), n - k)
+                top.write(pos + k, memoryview(zero)[:m])
+                k += m
+        pos += n

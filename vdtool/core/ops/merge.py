@@ -9,7 +9,7 @@ from typing import Optional
 
 from vdtool.core.backend import Cap, Status
 from vdtool.core.errors import NotSupported, UsageError, VdError
-from vdtool.core.ops.common import parent_spec, same_file
+from vdtool.core.ops.common import parent_spec, same_file, write_explicit_zeroes
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.core.stack import ImageStack, open_image
 
@@ -51,7 +51,12 @@ def _copy_layers(stack: ImageStack, target, lo: int, hi: int, progress: Progress
                 target.write(pos, view)
                 moved += n
         elif status == Status.ZERO and not target_standalone:
-            target.write_zeroes(pos, n, unmap=True)
+            if only_where_target_unallocated:
+                # into child: the parent changes next, so the zeros must be
+                # the child's own (write_zeroes may defer to the old parent)
+                write_explicit_zeroes(target, pos, n)
+            else:
+                target.write_zeroes(pos, n, unmap=True)
         pos += n
         progress.update(pos, size)
     return moved

@@ -6,7 +6,7 @@ from typing import Optional
 
 from vdtool.core.backend import Cap, Status
 from vdtool.core.errors import NotSupported, UsageError
-from vdtool.core.ops.common import open_parent, parent_spec
+from vdtool.core.ops.common import open_parent, parent_spec, write_explicit_zeroes
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.core.stack import ImageStack, open_image
 
@@ -96,7 +96,7 @@ def _copy_differences(stack: ImageStack, newp: Optional[ImageStack], progress: P
             k = min(block - (pos + i) % block, n - i)
             if old_buf[i:i + k] != new_buf[i:i + k]:
                 if old_buf.startswith(bytes(k), i):
-                    top.write_zeroes(pos + i, k, unmap=True)
+                    write_explicit_zeroes(top, pos + i, k)
                 else:
                     top.write(pos + i, old_view[i:i + k])
             i += k
