@@ -1168,3 +1168,19 @@ def test_qcow2_overlay_over_other_format_opens_in_qemu(tmp_path, pfmt, qfmt):
     assert raw_of(base, tmp_path, qfmt) == bytes(want)
     if qfmt != "vpc":
         peers.assert_qemu_check_clean(base, qfmt)
+
+
+def test_check_reports_progress_monotonic_to_100(tmp_path):
+    """check walks every L2 table of a qcow2; it reports as it goes, never
+    backwards, below 100 until the end, 100 once at the end."""
+    from vdtool.core.progress import Progress
+
+    img = tmp_path / "many-tables.qcow2"
+    # 4 KiB clusters with metadata preallocation: hundreds of L2 tables
+    peers.qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096,preallocation=metadata", img, "256M")
+    seen = []
+    result = ops.check(str(img), progress=Progress(lambda pct, done, total: seen.append(pct)))
+    assert result.corruptions == 0 and result.leaks == 0
+    assert len(seen) > 3, seen
+    assert seen == sorted(seen)
+    assert seen[-1] == 100.0 and all(p < 100.0 for p in seen[:-1])

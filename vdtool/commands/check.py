@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vdtool.commands._common import (CONTEXT_SETTINGS, force_open_option, force_share_option, format_option, image_options,
+from vdtool.commands._common import (CONTEXT_SETTINGS, long_operation, force_open_option, force_share_option, format_option, image_options,
                                      output_option, print_json)
 
 EXIT_NO_CHECK = 63
@@ -32,12 +32,14 @@ Exit status:
               help="Repair what is found: leaks only (safe), or all (corruptions too; may lose data that a "
                    "corrupt table points at).")
 @output_option
+@click.option("-p", "--progress", "show_progress", is_flag=True,
+              help="Show a progress bar on stderr even when stderr is not a terminal.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing (text output); the exit status tells.")
 @force_share_option
 @force_open_option
 @image_options
 @click.argument("file", metavar="FILE", type=click.Path(dir_okay=True))
-def command(file, fmt, repair, output, quiet, force_share, parent_search, untrusted, force):
+def command(file, fmt, repair, output, show_progress, quiet, force_share, parent_search, untrusted, force):
     """Check the metadata of the image FILE.
 
     Tables in range, no block used twice, reference counts and checksums
@@ -54,8 +56,9 @@ def command(file, fmt, repair, output, quiet, force_share, parent_search, untrus
     from vdtool.core.ops.check import check
 
     try:
-        result = check(file, fmt, repair=repair, parent_search=parent_search, force=force, untrusted=untrusted,
-                       force_share=force_share)
+        with long_operation("Checking", quiet=quiet, show_progress=show_progress) as progress:
+            result = check(file, fmt, repair=repair, parent_search=parent_search, force=force, untrusted=untrusted,
+                           force_share=force_share, progress=progress)
     except NotSupported as e:
         if getattr(e, "op", None) != "check":
             raise

@@ -298,8 +298,10 @@ class ImageBackend:
     def compact(self, progress: Progress = NO_PROGRESS) -> None:
         raise NotSupported("compact", self.name, self.path)
 
-    def check(self, repair: Optional[str] = None) -> CheckResult:
-        """``repair`` is None, 'leaks' or 'all'."""
+    def check(self, repair: Optional[str] = None, progress: Progress = NO_PROGRESS) -> CheckResult:
+        """``repair`` is None, 'leaks' or 'all'.  ``progress``: where a check
+        walks metadata proportional to the image (qcow2's L2 tables), it
+        reports as it goes; the op reports 100 at the end."""
         raise NotSupported("check", self.name, self.path)
 
     def defer_identity_change(self) -> None:

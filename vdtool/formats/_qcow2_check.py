@@ -13,7 +13,7 @@ from array import array
 
 from vdtool.core.backend import CheckResult
 from vdtool.core.errors import NotSupported, UnsupportedFeature, VdError
-from vdtool.core.progress import Progress
+from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.formats.qcow2 import (AUTOCLEAR_BITMAPS, BITMAP_DIR_ENTRY, BITMAPS_EXT, CHECK_MAX_CLUSTERS,
                                   EXT_BITMAPS, INCOMPAT_CORRUPT, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
                                   MAX_BITMAPS, MAX_REFTABLE_BYTES, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
@@ -73,7 +73,7 @@ class _Walk:
         return True
 
 
-def run_check(b, res: CheckResult, repair) -> None:
+def run_check(b, res: CheckResult, repair, progress=NO_PROGRESS) -> None:
     cs, cb = b._cs, b._cb
     fsize = b.file.size()
     nb = _ceil_div(fsize, cs)
@@ -131,11 +131,17 @@ def run_check(b, res: CheckResult, repair) -> None:
         wk.inc(sn["l1_table_offset"], n * 8)
         collect(_be_array(b.file.pread_exact(sn["l1_table_offset"], n * 8, "snapshot L1 table")), False,
                 f"snapshot {sn['id']!r}")
-    for off in sorted(l2refs):
+    # walking the L2 tables is most of a check's work: report it as it goes
+    walk_progress = progress.sub(0, 90)
+    tables = sorted(l2refs)
+    for k, off in enumerate(tables):
+        if not k & 63:
+            walk_progress.update(k, len(tables))
         mult = l2refs[off]
         if not wk.inc(off, cs, mult):
             continue
         _walk_l2(wk, off, mult, off in active, repair)
+    walk_progress.update(len(tables), len(tables))
 
     if b._nb_snapshots:
         wk.inc(b._snapshots_offset, b._snapshots_size)

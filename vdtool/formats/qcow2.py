@@ -1952,7 +1952,7 @@ class Qcow2Backend(ImageBackend):
         self._backing_format = fmt if backing and fmt else None
 
     # == check ==========================================================================
-    def check(self, repair: Optional[str] = None) -> CheckResult:
+    def check(self, repair: Optional[str] = None, progress: Progress = NO_PROGRESS) -> CheckResult:
         if repair not in (None, "leaks", "all"):
             raise UsageError(f"check repair mode must be None, 'leaks' or 'all', not {repair!r}")
         if repair and not self.writable:
@@ -1963,7 +1963,7 @@ class Qcow2Backend(ImageBackend):
                 self._flush_metadata()
             from vdtool.formats._qcow2_check import run_check
 
-            run_check(self, res, repair)
+            run_check(self, res, repair, progress)
         except VdError as e:
             res.check_errors += 1
             res.messages.append(f"ERROR: {e}")

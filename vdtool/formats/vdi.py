@@ -971,7 +971,7 @@ class VdiBackend(ImageBackend):
         self._sync_metadata()
 
     # == check =====================================================================================
-    def check(self, repair: Optional[str] = None) -> CheckResult:
+    def check(self, repair: Optional[str] = None, progress: Progress = NO_PROGRESS) -> CheckResult:
         if repair not in (None, "leaks", "all"):
             raise UsageError(f"check repair mode must be None, 'leaks' or 'all', not {repair!r}")
         if repair and not self.writable:

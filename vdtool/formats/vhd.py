@@ -1408,7 +1408,7 @@ class VhdBackend(ImageBackend):
                 pos += n
             progress.update(min(pos, self._size), self._size)
 
-    def check(self, repair: Optional[str] = None) -> CheckResult:
+    def check(self, repair: Optional[str] = None, progress: Progress = NO_PROGRESS) -> CheckResult:
         r = CheckResult()
         if repair:
             self._require_writable()

@@ -617,7 +617,7 @@ class VmdkBackend(ImageBackend):
 
         compact(self, progress)
 
-    def check(self, repair: Optional[str] = None) -> CheckResult:
+    def check(self, repair: Optional[str] = None, progress: Progress = NO_PROGRESS) -> CheckResult:
         from vdtool.formats._vmdk_ops import check
 
         return check(self, repair)

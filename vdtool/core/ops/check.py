@@ -6,13 +6,15 @@ from typing import Optional
 
 from vdtool.core.backend import Cap, CheckResult
 from vdtool.core.errors import ChainError, NotSupported, UsageError, VdError
+from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.core.stack import open_backend, open_image
 
 EXIT_NO_CHECK = 63
 
 
 def check(path: str, fmt: Optional[str] = None, *, repair: Optional[str] = None, parent_search=(),
-          force: bool = False, untrusted: bool = False, force_share: bool = False) -> CheckResult:
+          force: bool = False, untrusted: bool = False, force_share: bool = False,
+          progress: Progress = NO_PROGRESS) -> CheckResult:
     if repair not in (None, "leaks", "all"):
         raise UsageError(f"--repair takes leaks or all, not {repair!r}")
     img = open_backend(path, fmt, writable=repair is not None, untrusted=untrusted, force_share=force_share,
@@ -22,7 +24,7 @@ def check(path: str, fmt: Optional[str] = None, *, repair: Optional[str] = None,
             raise NotSupported("check", img.name, path)
         if repair and not img.capabilities & Cap.REPAIR:
             raise NotSupported("repair", img.name, path)
-        result = img.check(repair)
+        result = img.check(repair, progress=progress.sub(0, 95))
         if repair:
             img.flush()
         parent = img.parent
@@ -36,4 +38,5 @@ def check(path: str, fmt: Optional[str] = None, *, repair: Optional[str] = None,
             result.messages.append(f"warning: {e}")
         except VdError as e:
             result.messages.append(f"warning: parent cannot be opened: {e}")
+    progress.finish()
     return result
