@@ -14,31 +14,16 @@ import sys
 
 import pytest
 
+from vdrun import run_vdtool, vdtool_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ["create", "info", "convert", "compact", "resize", "merge", "discard", "check", "rebase"]
 MiB = 1 << 20
 
 
 
-def _env(**extra):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.pop("VDTOOL_UNTRUSTED", None)
-    env.pop("VDTOOL_DEBUG", None)
-    env.update(extra)
-    return env
-
-
-def vd(cwd, *args, env=None, expect=None):
-    """Run vdtool; never a traceback in its output, whatever happened."""
-    proc = subprocess.run([sys.executable, "-m", "vdtool", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, env=env or _env(), timeout=120)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stdout, proc.stdout
-    if expect is not None:
-        assert proc.returncode == expect, (f"vdtool {' '.join(map(str, args))} exited {proc.returncode}, "
-                                           f"expected {expect}\nstdout: {proc.stdout}\nstderr: {proc.stderr}")
-    return proc
+_env = vdtool_env
+vd = run_vdtool  # never a traceback in its output, whatever happened
 
 
 def one_error_line(proc, *fragments):

@@ -11,25 +11,15 @@ from contextlib import contextmanager
 
 import pytest
 
+from vdrun import run_vdtool, vdtool_env
+
 import peers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.pop("VDTOOL_UNTRUSTED", None)
-    return env
-
-
-def vd(cwd, *args, expect=None):
-    proc = subprocess.run([sys.executable, "-m", "vdtool", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, env=_env(), timeout=120)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    if expect is not None:
-        assert proc.returncode == expect, (args, proc.returncode, proc.stdout, proc.stderr)
-    return proc
+_env = vdtool_env
+vd = run_vdtool
 
 
 def locked_bytes(path) -> set:

@@ -10,15 +10,14 @@ import sys
 
 import pytest
 
+from vdrun import vdtool_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAN = os.path.join(REPO, "man")
 COMMANDS = ["create", "info", "convert", "compact", "resize", "merge", "discard", "check", "rebase"]
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+_env = vdtool_env
 
 
 def test_committed_man_pages_are_up_to_date(tmp_path):

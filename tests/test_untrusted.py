@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import pytest
+
+from vdrun import run_vdtool, vdtool_env
 
 import peers
 
@@ -20,23 +20,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = b"HOST-SECRET-0123456789-do-not-leak"
 
 
-def _env(**extra):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.pop("VDTOOL_UNTRUSTED", None)
-    env.pop("VDTOOL_DEBUG", None)
-    env.update(extra)
-    return env
+_env = vdtool_env
 
 
 def vd(cwd, *args, env=None, expect=None):
-    proc = subprocess.run([sys.executable, "-m", "vdtool", *map(str, args)], cwd=cwd, capture_output=True,
-                          env=env or _env(), timeout=120)
-    out, err = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
-    assert "Traceback" not in out + err, err
-    if expect is not None:
-        assert proc.returncode == expect, (args, proc.returncode, out, err)
-    return proc
+    # bytes: the tests look for the host file's marker in raw output
+    return run_vdtool(cwd, *args, env=env, expect=expect, text=False)
 
 
 @pytest.fixture
