@@ -374,7 +374,7 @@ def test_check_repairs_redundant_directory_and_bad_entries(tmp_path):
     open(img, "wb").write(raw)
     r = ops.check(str(img))
     assert r.corruptions >= 2 and r.exit_code == 2
-    p = vd("check", img, expect=2)
+    vd("check", img, expect=2)
     r = ops.check(str(img), repair="all")
     assert r.corruptions_fixed >= 2
     r = ops.check(str(img))

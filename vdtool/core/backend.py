@@ -184,7 +184,36 @@ class ImageBackend:
 
     @classmethod
     def open(cls, path: str, *, writable: bool = False, options: Optional[dict] = None) -> "ImageBackend":
-        raise NotImplementedError
+        """Open the file and read its metadata (``_load_image``); whatever
+        fails on the way, the file is closed again."""
+        from vdtool.core.fileio import ImageFile
+
+        f = ImageFile(path, writable=writable)
+        img = None
+        try:
+            img = cls(f)
+            img._load_image(options or {})
+            return img
+        except BaseException:
+            if img is not None:
+                img._abandon()
+            else:
+                f.close()
+            raise
+
+    def _load_image(self, options: dict) -> None:
+        """Read and check the format's metadata (formats override); ``options``
+        are open options such as ``repair``, ``check`` or ``force``."""
+
+    def _abandon(self) -> None:
+        """Close what a failed open left open (formats with several files
+        override)."""
+        self.file.close()
+
+    def _corrupt(self, msg: str):
+        from vdtool.core.errors import CorruptImageError
+
+        return CorruptImageError(msg, self.path)
 
     @classmethod
     def create(cls, path: str, size: int, *, variant: Optional[str] = None, block_size: Optional[int] = None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from array import array
 from typing import Optional
 
 from vdtool.core.backend import CheckResult, Status
@@ -12,7 +11,7 @@ from vdtool.core.fileio import ImageFile
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.formats import _vmdk_sparse as sp
 from vdtool.formats._vmdk_descriptor import ExtentLine
-from vdtool.formats._vmdk_sparse import GTE_ZERO, SECTOR, SparseExtent, ceil_div, le_u32_array, le_u32_bytes
+from vdtool.formats._vmdk_sparse import GTE_ZERO, SECTOR, SparseExtent, ceil_div, le_u32_bytes
 
 
 # == resize ===========================================================================

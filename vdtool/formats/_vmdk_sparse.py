@@ -361,7 +361,7 @@ class SparseExtent:
     def _alloc(self, nbytes: int) -> int:
         off = self.next_alloc
         if (off + nbytes) // SECTOR > 0xFFFFFFFF:
-            raise VdError(f"extent file is full: sector offsets past 2^32 cannot be recorded", self.path)
+            raise VdError("extent file is full: sector offsets past 2^32 cannot be recorded", self.path)
         self.next_alloc = off + nbytes
         return off
 

@@ -48,7 +48,7 @@ from typing import Optional
 
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, ParentRef, ParentSpec, Status
 from vdtool.core.registry import qemu_driver_name
-from vdtool.core.errors import (CorruptImageError, FormatError, NotSupported, ReadOnlyError, UnsupportedFeature,
+from vdtool.core.errors import (FormatError, NotSupported, ReadOnlyError, UnsupportedFeature,
                                 UsageError, VdError)
 from vdtool.core.fileio import ImageFile
 from vdtool.core.progress import NO_PROGRESS, Progress
@@ -299,24 +299,13 @@ class Qcow2Backend(ImageBackend):
             return 100
         return 0
 
-    @classmethod
-    def open(cls, path: str, *, writable: bool = False, options: Optional[dict] = None) -> "Qcow2Backend":
-        f = ImageFile(path, writable=writable)
-        try:
-            b = cls(f)
-            b._unsafe = bool(options and options.get("cache") == "unsafe")
-            b._load()
-            if writable:
-                b._open_writable(bool(options and options.get("repair")))
-            return b
-        except BaseException:
-            f.close()
-            raise
+    def _load_image(self, options: dict) -> None:
+        self._unsafe = options.get("cache") == "unsafe"
+        self._load()
+        if self.writable:
+            self._open_writable(bool(options.get("repair")))
 
     # == parsing ========================================================================
-    def _corrupt(self, msg: str) -> CorruptImageError:
-        return CorruptImageError(msg, self.path)
-
     def _load(self) -> None:
         try:
             self._parse_header()

@@ -29,10 +29,6 @@ class RawBackend(ImageBackend):
         return 1
 
     @classmethod
-    def open(cls, path: str, *, writable: bool = False, options: Optional[dict] = None) -> "RawBackend":
-        return cls(ImageFile(path, writable=writable))
-
-    @classmethod
     def create(cls, path: str, size: int, *, variant: Optional[str] = None, block_size: Optional[int] = None,
                parent: Optional[ParentSpec] = None, options: Optional[dict] = None,
                progress: Progress = NO_PROGRESS) -> "RawBackend":

@@ -15,7 +15,6 @@ entries -- a released block is filled by moving the last one into it."""
 
 from __future__ import annotations
 
-import os
 import struct
 import sys
 import uuid as uuidlib
@@ -23,7 +22,7 @@ from array import array
 from typing import Optional
 
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, ParentRef, ParentSpec, Status
-from vdtool.core.errors import (CorruptImageError, FormatError, NotSupported, ReadOnlyError, UnsupportedFeature,
+from vdtool.core.errors import (FormatError, NotSupported, ReadOnlyError, UnsupportedFeature,
                                 UsageError, VdError)
 from vdtool.core.fileio import ImageFile
 from vdtool.core.progress import NO_PROGRESS, Progress
@@ -128,21 +127,10 @@ class VdiBackend(ImageBackend):
                 return 100 if (ver >> 16) == 1 or ver == VDI_IMAGE_VERSION_OLD else 90
         return 0
 
-    @classmethod
-    def open(cls, path: str, *, writable: bool = False, options: Optional[dict] = None) -> "VdiBackend":
-        f = ImageFile(path, writable=writable)
-        try:
-            b = cls(f)
-            b._load(lenient=bool(options and (options.get("check") or options.get("repair"))))
-            return b
-        except BaseException:
-            f.close()
-            raise
+    def _load_image(self, options: dict) -> None:
+        self._load(lenient=bool(options.get("check") or options.get("repair")))
 
     # == parsing ===================================================================================
-    def _corrupt(self, msg: str) -> CorruptImageError:
-        return CorruptImageError(msg, self.path)
-
     def _load(self, lenient: bool) -> None:
         try:
             self._parse_header()
@@ -840,7 +828,6 @@ class VdiBackend(ImageBackend):
         self._begin_write()
         new_size = _align(new_size, 512)
         bs = self.cbBlock
-        shift = self._shift
         new_blocks = (new_size + bs - 1) // bs
         old_size = self.virtual_size
         if new_size < old_size:
@@ -992,7 +979,6 @@ class VdiBackend(ImageBackend):
         self._scan_map(lenient=True)
         problems = list(self._map_problems)
         n = self.cBlocksAllocated
-        total = self._total
         used = bytearray(n)
         for i in range(self.cBlocks):
             e = self._mv[i]

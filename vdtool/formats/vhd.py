@@ -303,26 +303,15 @@ class VhdBackend(ImageBackend):
                 score = max(score, 100 if _stored_checksum_ok(head[:FOOTER_SIZE], OFS_CHECKSUM) else 90)
         return score
 
-    @classmethod
-    def open(cls, path: str, *, writable: bool = False, options: Optional[dict] = None) -> "VhdBackend":
-        f = ImageFile(path, writable=writable)
+    def _load_image(self, options: dict) -> None:
+        # check must be able to open what it reports on and repairs
+        self._force = bool(options.get("force") or options.get("check"))
         try:
-            b = cls(f)
-            # check must be able to open what it reports on and repairs
-            b._force = bool(options and (options.get("force") or options.get("check")))
-            try:
-                b._load()
-            except (struct.error, ValueError, OverflowError, IndexError, UnicodeError) as e:
-                raise CorruptImageError(f"malformed VHD metadata ({e})", path) from None
-            return b
-        except BaseException:
-            f.close()
-            raise
+            self._load()
+        except (struct.error, ValueError, OverflowError, IndexError, UnicodeError) as e:
+            raise CorruptImageError(f"malformed VHD metadata ({e})", self.path) from None
 
     # == parsing ==========================================================================
-    def _corrupt(self, msg: str) -> CorruptImageError:
-        return CorruptImageError(msg, self.path)
-
     def _load(self) -> None:
         f = self.file
         fsize = f.size()

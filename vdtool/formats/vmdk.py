@@ -28,12 +28,12 @@ from typing import Optional
 
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, ParentRef, ParentSpec, Status
 from vdtool.core.errors import (CorruptImageError, FormatError, NotSupported, ReadOnlyError, UnsupportedFeature,
-                                UsageError, VdError)
+                                VdError)
 from vdtool.core.fileio import ImageFile
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.formats._vmdk_descriptor import MAX_DESCRIPTOR, Descriptor, ExtentLine, new_descriptor
 from vdtool.formats import _vmdk_sparse as sp
-from vdtool.formats._vmdk_sparse import SECTOR, SparseExtent, StreamWriter, ceil_div
+from vdtool.formats._vmdk_sparse import SECTOR, SparseExtent, StreamWriter
 
 VARIANTS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat",
             "streamOptimized", "vmfs")
@@ -188,20 +188,14 @@ class VmdkBackend(ImageBackend):
             return 90
         return 0
 
-    @classmethod
-    def open(cls, path: str, *, writable: bool = False, options: Optional[dict] = None) -> "VmdkBackend":
-        f = ImageFile(path, writable=writable)
-        self = cls(f)
-        try:
-            self._files[os.path.realpath(path)] = f
-            self._load()
-        except BaseException:
-            self._close_files()
-            raise
-        return self
+    def _load_image(self, options: dict) -> None:
+        self._files[os.path.realpath(self.path)] = self.file
+        self._load()
 
-    def _err(self, msg: str) -> CorruptImageError:
-        return CorruptImageError(msg, self.path)
+    def _abandon(self) -> None:
+        self._close_files()
+
+    _err = ImageBackend._corrupt
 
     def _load(self) -> None:
         f = self.file

@@ -8,7 +8,7 @@ from typing import Optional
 from vdtool.core.backend import Cap
 from vdtool.core.copy import copy_stack
 from vdtool.core.digest import ContentDigest, digest_stack
-from vdtool.core.errors import NotSupported, UsageError, VdError
+from vdtool.core.errors import NotSupported, VdError
 from vdtool.core.fileio import deferred_sync
 from vdtool.core.ops.common import (backend_for_new_image, open_parent, output_format, parent_spec,
                                     same_file, stack_over, staged_output)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from vdtool.core.stack import open_image, resolve_parent_path
