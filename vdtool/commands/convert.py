@@ -30,13 +30,17 @@ Examples:
 @click.option("--verify", is_flag=True,
               help="Read DST back after writing and compare its content digest (xxh3-128 over the virtual "
                    "disk) with SRC's; both digests are printed, a mismatch is an error.")
+@click.option("--sync/--no-sync", "sync", default=None,
+              help="Flush DST to the disk before returning, so it survives a power cut (default: only when "
+                   "DST replaces an existing file; otherwise the kernel writes it back in its own time, as "
+                   "after qemu-img convert or cp).")
 @progress_options
 @force_share_option
 @image_options
 @click.argument("src", required=False, metavar="SRC", type=click.Path(dir_okay=True))
 @click.argument("dst", required=False, metavar="DST", type=click.Path(dir_okay=True))
 def command(src, dst, fmt, out_fmt, variant, block_size, parent, parent_format, options, force, compress,
-            verify, show_progress, quiet, force_share, parent_search, untrusted):
+            verify, sync, show_progress, quiet, force_share, parent_search, untrusted):
     """Convert SRC into a new image DST.
 
     DST gets what SRC shows, its whole chain of parents flattened; with
@@ -44,7 +48,10 @@ def command(src, dst, fmt, out_fmt, variant, block_size, parent, parent_format, 
     it as its parent.  Blocks that read as zeros are not allocated in DST
     unless the variant is a preallocated one.  DST is written beside its
     final name and renamed into place only on success; an existing DST is
-    refused unless --force is given.
+    refused unless --force is given.  A new DST is not flushed to the disk
+    unless --sync is given (the page cache holds it until the kernel writes
+    it back, as with qemu-img convert or cp); one that replaces an existing
+    file always is.
 
     Images are locked as QEMU locks them (OFD locks on their lock bytes):
     one that a running VM or qemu-img holds for writing is refused ("in
@@ -70,7 +77,7 @@ def command(src, dst, fmt, out_fmt, variant, block_size, parent, parent_format, 
         result = convert(src, dst, src_format=fmt, fmt=out_fmt, variant=variant, block_size=block_size,
                          compress=compress, parent=parent, parent_format=parent_format, options=opts,
                          verify=verify, force=force, parent_search=parent_search, force_share=force_share,
-                         untrusted=untrusted, progress=progress)
+                         untrusted=untrusted, sync=sync, progress=progress)
     if verify:
         say(quiet, f"source xxh3-128: {result.source_digest}")
         say(quiet, f"output xxh3-128: {result.output_digest}")

@@ -55,12 +55,13 @@ def refuse_existing(path: str, force: bool) -> None:
 
 
 @contextmanager
-def staged_output(final_path: str, force: bool):
+def staged_output(final_path: str, force: bool, durable: bool = True):
     """Yield a path in a private folder beside ``final_path`` (same
     filesystem, same base name, so multi-file formats name their parts
     right); on success every file made there is renamed into place, on
     failure all of it is removed.  No half-written image ever carries the
-    final name."""
+    final name.  ``durable`` also fsyncs the folder after the renames (the
+    files themselves are synced by whoever wrote them)."""
     refuse_existing(final_path, force)
     folder = os.path.dirname(os.path.abspath(final_path))
     if not os.path.isdir(folder):
@@ -106,7 +107,8 @@ def staged_output(final_path: str, force: bool):
                         pass
                 shutil.rmtree(stage, ignore_errors=True)
                 raise VdError(f"could not move the new image into place: {e.strerror or e}", final_path) from None
-            _fsync_dir(folder)
+            if durable:
+                _fsync_dir(folder)
         shutil.rmtree(stage, ignore_errors=True)
 
 

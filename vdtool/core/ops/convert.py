@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,7 +34,14 @@ def convert(src: str, dst: str, *, src_format: Optional[str] = None, fmt: Option
             variant: Optional[str] = None, block_size: Optional[int] = None, compress: bool = False,
             parent: Optional[str] = None, parent_format: Optional[str] = None, options: Optional[dict] = None,
             verify: bool = False, force: bool = False, parent_search=(), force_share: bool = False,
-            untrusted: bool = False, progress: Progress = NO_PROGRESS) -> ConvertResult:
+            untrusted: bool = False, sync: Optional[bool] = None,
+            progress: Progress = NO_PROGRESS) -> ConvertResult:
+    """``sync``: True fsyncs the new image (and its folder) before returning,
+    so it survives a power cut; False leaves it to the kernel's writeback,
+    as qemu-img convert and cp do; None (the default) syncs only when DST
+    replaces an existing file, so a power cut can never cost the old file
+    and the new one both.  Either way DST appears under its name only when
+    complete."""
     name = output_format(dst, fmt)
     backend = backend_for_new_image(dst, name, variant)
     if compress and variant is None and getattr(backend, "compress_variant", None):
@@ -62,12 +70,13 @@ def convert(src: str, dst: str, *, src_format: Optional[str] = None, fmt: Option
         size = source.virtual_size
         digest = ContentDigest() if verify else None
         copy_part = progress.sub(0, 80 if verify else 100)
-        with staged_output(dst, force) as tmp:
+        durable = sync if sync is not None else os.path.lexists(dst)
+        with staged_output(dst, force, durable=durable) as tmp:
             # The staged file is renamed into place only on success, so the
             # fsyncs between data and metadata inside the copy protect
             # nothing: deferred_sync() keeps the write order and fsyncs each
-            # new file once, when it is closed (before the rename).
-            with deferred_sync():
+            # new file once when it is closed (before the rename), or never.
+            with deferred_sync(durable=durable):
                 img = backend.create(tmp, size, variant=variant, block_size=block_size, parent=spec,
                                      options=opts)
                 try:
