@@ -69,7 +69,7 @@ def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool
         while pending:
             write_oldest()
 
-    def emit(off: int, n: int, has_base: bool) -> None:
+    def emit(buf: bytearray, off: int, n: int, has_base: bool) -> None:
         """Write the blocks of buf[:n] (disk offset ``off``) that need writing:
         non-zero ones, or with a base the ones that differ from it."""
         run_start = None
@@ -100,56 +100,133 @@ def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool
             top.write(off + run_start, memoryview(buf)[run_start:n])
             stats.written_bytes += n - run_start
 
-    pos = 0
+    def consume(pos: int, n: int, data) -> None:
+        if data is not None:
+            if digest is not None:
+                digest.update(memoryview(data)[:n])
+            if base is not None:
+                _read_clipped(base, pos, memoryview(base_buf)[:n])
+            emit(data, pos, n, base is not None)
+            stats.data_bytes += n
+        else:
+            if digest is not None:
+                digest.update_zeros(n)
+            stats.zero_bytes += n
+            if base is not None:
+                _zero_over_base(base, top, pos, n, base_buf)
+            elif write_zeros:
+                top.write_zeroes(pos, n, unmap=False)
+        progress.update(pos + n, size)
+
     try:
-        while pos < size:
-            # Zero and unallocated runs are taken whole (an empty 4 TiB disk is
-            # a handful of calls); only data runs are cut to the buffer, at
-            # chunk boundaries so they stay aligned to the destination's blocks.
-            limit = min(chunk - (pos % chunk), size - pos)
-            status, n, _ = src.block_status(pos, size - pos)
-            if status == Status.DATA:
-                n = min(n, limit)
-            elif pos + n < size and (pos + n) % block:
-                # A zero run that ends inside a destination block (a raw
-                # source reports 4 KiB holes, the output may have 64 KiB
-                # clusters) must not leave ``pos`` unaligned: emit() judges
-                # and compresses whole blocks from ``pos``, and a compressed
-                # cluster written at an unaligned offset is wrong.  Skip only
-                # whole blocks of zeros; the partial block is read as data.
-                aligned = (pos + n) // block * block - pos
-                if aligned > 0:
-                    n = aligned
-                else:
-                    status = Status.DATA
-            if status == Status.DATA:
-                if n < limit and (pos + n) % block:
-                    # round the run up to a whole block so a block is judged once
-                    n = min(limit, (pos + n + block - 1) // block * block - pos)
-                view = memoryview(buf)[:n]
-                src.readinto(pos, view)
-                if digest is not None:
-                    digest.update(view)
-                if base is not None:
-                    _read_clipped(base, pos, memoryview(base_buf)[:n])
-                emit(pos, n, base is not None)
-                stats.data_bytes += n
-            else:
-                if digest is not None:
-                    digest.update_zeros(n)
-                stats.zero_bytes += n
-                if base is not None:
-                    _zero_over_base(base, top, pos, n, base_buf)
-                elif write_zeros:
-                    top.write_zeroes(pos, n, unmap=False)
-            pos += n
-            progress.update(pos, size)
+        if base is None and size > chunk:
+            # Reads go ahead in a second thread while this one tests and
+            # writes (preadv and pwrite let go of the GIL, so on two cores
+            # the copy takes the longer of the two, not their sum).  With a
+            # base the writer reads the base too, so that stays serial.
+            _pipelined(src, size, block, chunk, buf, consume)
+        else:
+            for pos, n, is_data in _extents(src, size, block, chunk):
+                if is_data:
+                    src.readinto(pos, memoryview(buf)[:n])
+                consume(pos, n, buf if is_data else None)
         if pool is not None:
             flush_pending()
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     return stats
+
+
+def _extents(src, size: int, block: int, chunk: int):
+    """(offset, length, is_data) runs of ``src`` to copy, in order.  Zero and
+    unallocated runs are taken whole (an empty 4 TiB disk is a handful of
+    calls); data runs are cut at chunk boundaries, so each fits the buffer
+    and stays aligned to the destination's blocks."""
+    pos = 0
+    while pos < size:
+        limit = min(chunk - (pos % chunk), size - pos)
+        status, n, _ = src.block_status(pos, size - pos)
+        if status == Status.DATA:
+            n = min(n, limit)
+        elif pos + n < size and (pos + n) % block:
+            # A zero run that ends inside a destination block (a raw source
+            # reports 4 KiB holes, the output may have 64 KiB clusters) must
+            # not leave ``pos`` unaligned: emit() judges and compresses whole
+            # blocks from ``pos``, and a compressed cluster written at an
+            # unaligned offset is wrong.  Skip only whole blocks of zeros;
+            # the partial block is read as data.
+            aligned = (pos + n) // block * block - pos
+            if aligned > 0:
+                n = aligned
+            else:
+                status = Status.DATA
+        if status == Status.DATA:
+            if n < limit and (pos + n) % block:
+                # round the run up to a whole block so a block is judged once
+                n = min(limit, (pos + n + block - 1) // block * block - pos)
+            yield pos, n, True
+        else:
+            yield pos, n, False
+        pos += n
+
+
+_BUFFERS = 3  # one being read, one being written, one ready
+
+
+def _pipelined(src, size: int, block: int, chunk: int, first: bytearray, consume) -> None:
+    """Run _extents and the reads in a reader thread, ``consume`` here, with
+    a few buffers passed back and forth (memory stays bounded)."""
+    import queue
+    import threading
+
+    free: queue.Queue = queue.Queue()
+    free.put(first)
+    for _ in range(_BUFFERS - 1):
+        free.put(bytearray(chunk))
+    ready: queue.Queue = queue.Queue(maxsize=256)  # zero runs queue up cheaply, but not without end
+    stop = threading.Event()
+    done = object()
+
+    def reader():
+        try:
+            for pos, n, is_data in _extents(src, size, block, chunk):
+                buf = None
+                if is_data:
+                    buf = free.get()
+                    if stop.is_set():
+                        return
+                    src.readinto(pos, memoryview(buf)[:n])
+                ready.put((pos, n, buf))
+                if stop.is_set():
+                    return
+            ready.put(done)
+        except BaseException as e:  # handed to the writer, which raises it
+            ready.put(e)
+
+    thread = threading.Thread(target=reader, name="vdtool-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is done:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            pos, n, buf = item
+            consume(pos, n, buf)
+            if buf is not None:
+                free.put(buf)
+    finally:
+        stop.set()
+        free.put(bytearray(0))  # wakes a reader waiting for a buffer
+        while thread.is_alive():  # or one waiting to hand over an item
+            try:
+                while True:
+                    ready.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(0.01)
 
 
 def _read_clipped(stack, offset: int, view: memoryview) -> None:
