@@ -9,6 +9,7 @@ are bounded by the file's real size, never by counts a header claims."""
 
 from __future__ import annotations
 
+import sys
 from array import array
 
 from vdtool.core.backend import CheckResult
@@ -40,6 +41,14 @@ class _Walk:
         self.ref = array(self.typecode, bytes(nb * array(self.typecode).itemsize))
         self.nmsg = 0
         self.fixes_l2: dict = {}  # l2 offset -> {index: new entry}
+        self._zero_cache = array(self.typecode)
+        self.repeat = 1
+
+    def _zeros(self, n: int) -> array:
+        z = self._zero_cache
+        if len(z) < n:
+            z = self._zero_cache = array(self.typecode, bytes(max(n, 2 * len(z)) * self.ref.itemsize))
+        return z[:n]
 
     def msg(self, text: str) -> None:
         self.nmsg += 1
@@ -49,8 +58,12 @@ class _Walk:
             self.res.messages.append("(further messages left out)")
 
     def corrupt(self, text: str) -> None:
-        self.res.corruptions += 1
-        self.msg("ERROR " + text)
+        # QEMU walks an L2 table once for each L1 table that points to it
+        # (the active one and the snapshots'), so a fault in a shared table
+        # counts, and is reported, that many times; ``repeat`` says how many
+        for _ in range(self.repeat):
+            self.res.corruptions += 1
+            self.msg("ERROR " + text)
 
     def inc(self, offset: int, size: int, mult: int = 1) -> bool:
         if size <= 0:
@@ -64,7 +77,16 @@ class _Walk:
         last = (offset + size - 1) >> cb
         if last >= len(ref):
             ref.extend(array(self.typecode, bytes((last + 1 - len(ref)) * ref.itemsize)))
-        for k in range(offset >> cb, last + 1):
+        first = offset >> cb
+        n = last + 1 - first
+        if n > 8 and mult <= self.max:
+            # a run of clusters nothing counted yet (the usual case): one
+            # C-level compare and one slice store instead of a loop
+            zeros = self._zeros(n)
+            if ref[first:last + 1] == zeros:
+                ref[first:last + 1] = array(self.typecode, (mult,)) * n
+                return True
+        for k in range(first, last + 1):
             v = ref[k] + mult
             if v > self.max:
                 self.corrupt(f"refcount overflow for cluster offset {k << cb:#x}")
@@ -140,7 +162,9 @@ def run_check(b, res: CheckResult, repair, progress=NO_PROGRESS) -> None:
         mult = l2refs[off]
         if not wk.inc(off, cs, mult):
             continue
+        wk.repeat = mult
         _walk_l2(wk, off, mult, off in active, repair)
+        wk.repeat = 1
     walk_progress.update(len(tables), len(tables))
 
     if b._nb_snapshots:
@@ -258,6 +282,89 @@ def run_check(b, res: CheckResult, repair, progress=NO_PROGRESS) -> None:
         b._set_incompat(b._incompat & ~INCOMPAT_CORRUPT)
 
 
+# A plain allocated L2 entry: host offset plus at most the COPIED and ZERO
+# flags.  Consecutive entries that step by one cluster with the same flags
+# (what any allocator writes for sequential data) are judged as one run.
+_PLAIN_FLAGS = OFLAG_COPIED | OFLAG_ZERO
+_NOT_PLAIN = ((1 << 64) - 1) & ~(L2E_OFFSET_MASK | _PLAIN_FLAGS)
+
+
+_ORDER = sys.byteorder
+_WINDOW = 64  # entries judged first: a short run costs this much, a long one its own length
+
+
+class _RunFinder:
+    """Finds how far an L2 table keeps stepping by one cluster, with C-level
+    big-integer arithmetic: the entries of a slice, read as one integer,
+    must equal e*ONES + cs*INDEX (no carries cross an 8-byte slot), and
+    the XOR with what is there locates the first entry that differs."""
+
+    def __init__(self, n: int):
+        self.ones = array("Q", [1]) * n
+        self.index = array("Q", range(n))
+        self._consts: dict = {}
+
+    def _pair(self, w: int) -> tuple:
+        c = self._consts.get(w)
+        if c is None:
+            c = self._consts[w] = (int.from_bytes(self.ones[:w].tobytes(), _ORDER),
+                                   int.from_bytes(self.index[:w].tobytes(), _ORDER))
+            if len(self._consts) > 64:
+                self._consts.clear()
+        return c
+
+    def run(self, raw: bytes, i: int, m: int, e: int, step: int) -> int:
+        """How many of the m entries from index i equal e, e+step, e+2*step ..."""
+        w = min(m, _WINDOW)
+        while True:
+            ones, index = self._pair(w)
+            d = int.from_bytes(raw[i * 8:(i + w) * 8], _ORDER) ^ (e * ones + step * index)
+            if d:
+                if _ORDER == "little":
+                    return ((d & -d).bit_length() - 1) >> 6
+                return w - 1 - ((d.bit_length() - 1) >> 6)
+            if w == m:
+                return m
+            w = m
+
+
+_finders: dict = {}
+
+
+def _l2_runs(tbl: array, cs: int):
+    """(index, length, first entry) runs of a standard (8-byte entry) L2
+    table: unallocated runs (entry 0), plain runs (e, e+cs, e+2cs ...), and
+    every other entry alone (length 1, judged entry by entry)."""
+    n = len(tbl)
+    finder = _finders.get(n)
+    if finder is None:
+        finder = _finders[n] = _RunFinder(n)
+    raw = None
+    i = 0
+    while i < n:
+        e = tbl[i]
+        if not e:
+            run = 1
+            if i + 1 < n and not tbl[i + 1]:
+                raw = raw or tbl.tobytes()
+                run = finder.run(raw, i, n - i, 0, 0)
+            yield i, run, 0
+            i += run
+            continue
+        host = e & L2E_OFFSET_MASK
+        if e & _NOT_PLAIN or not host or host & (cs - 1):
+            yield i, 1, e
+            i += 1
+            continue
+        limit = min(n - i, (L2E_OFFSET_MASK - host) // cs + 1)
+        run = 1
+        if limit > 1 and tbl[i + 1] == e + cs:
+            raw = raw or tbl.tobytes()
+            run = finder.run(raw, i, limit, e, cs)
+        yield i, run, e
+        i += run
+
+
 def _walk_l2(wk: _Walk, off: int, mult: int, is_active: bool, repair) -> None:
     b = wk.b
     cs = wk.cs
@@ -268,55 +375,80 @@ def _walk_l2(wk: _Walk, off: int, mult: int, is_active: bool, repair) -> None:
         wk.corrupt(f"l2_offset={off:x}: {ex}")
         return
     w = b._l2_words
-    next_contig = 0
-    fixes = {}
-    for idx in range(0, len(tbl), w):
-        e = tbl[idx]
-        bm = tbl[idx + 1] if w == 2 else 0
-        if not e and not bm:
-            continue
-        if e & OFLAG_COMPRESSED:
-            if e & OFLAG_COPIED:
-                wk.corrupt(f"cluster {e >> wk.cb}: copied flag must never be set for compressed clusters")
-                if repair == "all":
-                    fixes[idx] = e & ~OFLAG_COPIED
-            coff, csize = b._compressed_extent(e)
-            wk.inc(coff & ~511, ((coff & 511) + csize), mult)
-            if is_active:
-                res.allocated_clusters += 1
-                res.compressed_clusters += 1
-                res.fragmented_clusters += 1  # compressed clusters are fragmented by nature (QEMU's count)
-            continue
-        host = e & L2E_OFFSET_MASK
-        if e & (L2E_RESERVED if w == 1 else L2E_RESERVED | OFLAG_ZERO):
-            wk.corrupt(f"found L2 entry with reserved bits set: {e:x}")
-        if w == 2:
-            if bm & (bm >> 32) & SC_ALLOC_ALL:
-                wk.corrupt(f"offset={host:x}: cluster has subclusters marked both allocated and zero")
-            if not host and bm & SC_ALLOC_ALL:
-                wk.corrupt("unallocated cluster has a non-zero subcluster allocation bitmap")
-        if not host:
-            continue
-        if host & (cs - 1):
-            data = (bm & SC_ALLOC_ALL) if w == 2 else not e & OFLAG_ZERO
-            if not data and repair == "all":
-                wk.res.corruptions += 1
-                wk.res.corruptions_fixed += 1
-                wk.msg(f"Repairing offset={host:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.")
-                fixes[idx] = OFLAG_ZERO if w == 1 else 0
-                if w == 2:
-                    fixes[idx + 1] = SC_ZERO_ALL
+    state = [0]  # where the next cluster would be if the image were not fragmented
+    fixes: dict = {}
+    if w == 1:
+        for i, run, e in _l2_runs(tbl, cs):
+            if not e:
                 continue
-            wk.corrupt(f"offset={host:x}: {'Data' if data else 'Preallocated'} cluster is not properly aligned; "
-                       f"L2 entry corrupted.")
-        if is_active:
-            res.allocated_clusters += 1
-            if next_contig and host != next_contig:
-                res.fragmented_clusters += 1
-            next_contig = host + cs
-        wk.inc(host & ~(cs - 1), cs, mult)
+            host = e & L2E_OFFSET_MASK
+            if run > 1 and host + run * cs - wk.fsize <= cs:
+                if is_active:
+                    res.allocated_clusters += run
+                    if state[0] and host != state[0]:
+                        res.fragmented_clusters += 1
+                    state[0] = host + run * cs
+                wk.inc(host, run * cs, mult)
+                continue
+            for idx in range(i, i + run):
+                _l2_entry(wk, tbl, idx, 1, mult, is_active, repair, fixes, state)
+    else:
+        for idx in range(0, len(tbl), w):
+            _l2_entry(wk, tbl, idx, w, mult, is_active, repair, fixes, state)
     if fixes:
         wk.fixes_l2[off] = fixes
+
+
+def _l2_entry(wk: _Walk, tbl: array, idx: int, w: int, mult: int, is_active: bool, repair, fixes: dict,
+              state: list) -> None:
+    """One L2 entry, every rule checked (what the runs above stand for)."""
+    b = wk.b
+    cs = wk.cs
+    res = wk.res
+    e = tbl[idx]
+    bm = tbl[idx + 1] if w == 2 else 0
+    if not e and not bm:
+        return
+    if e & OFLAG_COMPRESSED:
+        if e & OFLAG_COPIED:
+            wk.corrupt(f"cluster {e >> wk.cb}: copied flag must never be set for compressed clusters")
+            if repair == "all":
+                fixes[idx] = e & ~OFLAG_COPIED
+        coff, csize = b._compressed_extent(e)
+        wk.inc(coff & ~511, ((coff & 511) + csize), mult)
+        if is_active:
+            res.allocated_clusters += 1
+            res.compressed_clusters += 1
+            res.fragmented_clusters += 1  # compressed clusters are fragmented by nature (QEMU's count)
+        return
+    host = e & L2E_OFFSET_MASK
+    if e & (L2E_RESERVED if w == 1 else L2E_RESERVED | OFLAG_ZERO):
+        wk.corrupt(f"found L2 entry with reserved bits set: {e:x}")
+    if w == 2:
+        if bm & (bm >> 32) & SC_ALLOC_ALL:
+            wk.corrupt(f"offset={host:x}: cluster has subclusters marked both allocated and zero")
+        if not host and bm & SC_ALLOC_ALL:
+            wk.corrupt("unallocated cluster has a non-zero subcluster allocation bitmap")
+    if not host:
+        return
+    if host & (cs - 1):
+        data = (bm & SC_ALLOC_ALL) if w == 2 else not e & OFLAG_ZERO
+        if not data and repair == "all":
+            wk.res.corruptions += 1
+            wk.res.corruptions_fixed += 1
+            wk.msg(f"Repairing offset={host:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.")
+            fixes[idx] = OFLAG_ZERO if w == 1 else 0
+            if w == 2:
+                fixes[idx + 1] = SC_ZERO_ALL
+            return
+        wk.corrupt(f"offset={host:x}: {'Data' if data else 'Preallocated'} cluster is not properly aligned; "
+                   f"L2 entry corrupted.")
+    if is_active:
+        res.allocated_clusters += 1
+        if state[0] and host != state[0]:
+            res.fragmented_clusters += 1
+        state[0] = host + cs
+    wk.inc(host, cs, mult)  # unaligned: both clusters it touches, as QEMU counts it
 
 
 def _count_bitmaps(wk: _Walk) -> None:
@@ -376,24 +508,20 @@ def _check_copied(wk: _Walk, fix: bool) -> None:
                 b._l1_dirty.add(l1i)
                 res.corruptions_fixed += 1
         fixes = wk.fixes_l2.pop(off, {})
-        for idx in range(0, len(tbl), w):
-            le = fixes.get(idx, tbl[idx])
-            if le & OFLAG_COMPRESSED:
-                continue
-            host = le & L2E_OFFSET_MASK
-            if not host or host & (cs - 1):
-                continue
-            try:
-                drc = b._rc_get(host >> cb)
-            except VdError:
-                continue
-            if (drc == 1) != bool(le & OFLAG_COPIED):
-                res.corruptions += 1
-                wk.msg(f"{'Repairing' if fix else 'ERROR'} OFLAG_COPIED data cluster: l2_entry={le:x} "
-                       f"refcount={drc}")
-                if fix:
-                    fixes[idx] = (le | OFLAG_COPIED) if drc == 1 else (le & ~OFLAG_COPIED)
-                    res.corruptions_fixed += 1
+        if w == 1 and not fixes:
+            for i, run, le in _l2_runs(tbl, cs):
+                if not le:
+                    continue
+                if run > 1:
+                    stored = _stored_refcounts(b, (le & L2E_OFFSET_MASK) >> cb, run)
+                    ones = stored.count(1) if stored is not None else -1
+                    if ones == (run if le & OFLAG_COPIED else 0):
+                        continue
+                for idx in range(i, i + run):
+                    _copied_entry(wk, tbl, idx, fix, fixes)
+        else:
+            for idx in range(0, len(tbl), w):
+                _copied_entry(wk, tbl, idx, fix, fixes)
         if fixes and fix:
             for idx, v in fixes.items():
                 tbl[idx] = v
@@ -410,6 +538,50 @@ def _check_copied(wk: _Walk, fix: bool) -> None:
             b._l2_dirty.add(off)
         if b._l2_dirty or b._l1_dirty:
             b._flush_metadata()
+
+
+def _copied_entry(wk: _Walk, tbl: array, idx: int, fix: bool, fixes: dict) -> None:
+    b = wk.b
+    le = fixes.get(idx, tbl[idx])
+    if le & OFLAG_COMPRESSED:
+        return
+    host = le & L2E_OFFSET_MASK
+    if not host or host & (wk.cs - 1):
+        return
+    try:
+        drc = b._rc_get(host >> wk.cb)
+    except VdError:
+        return
+    if (drc == 1) != bool(le & OFLAG_COPIED):
+        wk.res.corruptions += 1
+        wk.msg(f"{'Repairing' if fix else 'ERROR'} OFLAG_COPIED data cluster: l2_entry={le:x} "
+               f"refcount={drc}")
+        if fix:
+            fixes[idx] = (le | OFLAG_COPIED) if drc == 1 else (le & ~OFLAG_COPIED)
+            wk.res.corruptions_fixed += 1
+
+
+def _stored_refcounts(b, first: int, n: int):
+    """The stored refcounts of clusters first..first+n-1 as one array (None
+    if a refcount block cannot be read: the caller then goes entry by entry
+    and reports what it finds)."""
+    E = b._rc.entries
+    shift = b._rb_shift
+    out = array(b._rc.typecode)
+    c, end = first, first + n
+    try:
+        while c < end:
+            rti = c >> shift
+            stop = min(end, (rti + 1) << shift)
+            off = b._rt[rti] & REFT_OFFSET_MASK if rti < len(b._rt) else 0
+            if off:
+                out += b._rb_load(off)[c & (E - 1):(c & (E - 1)) + stop - c]
+            else:
+                out += array(b._rc.typecode, bytes((stop - c) * out.itemsize))
+            c = stop
+    except VdError:
+        return None
+    return out
 
 
 def _rebuild_refcounts(b, ref: array) -> None:
