@@ -151,3 +151,42 @@ def test_convert_to_qcow2_is_byte_identical_to_qemu_img(tmp_path, compress):
     peers.qemu_img("convert", *flag, "-f", "raw", "-O", "qcow2", str(src), str(tmp_path / "q.qcow2"))
     convert(str(src), str(tmp_path / "v.qcow2"), compress=compress)
     assert (tmp_path / "q.qcow2").read_bytes() == (tmp_path / "v.qcow2").read_bytes()
+
+
+def _runs_block_by_block(buf, n, block):
+    runs, start = [], None
+    for i in range(0, n, block):
+        k = min(block, n - i)
+        zero = buf[i:i + k] == bytes(k)
+        if not zero and start is None:
+            start = i
+        if zero and start is not None:
+            runs.append((start, i))
+            start = None
+    if start is not None:
+        runs.append((start, n))
+    return runs
+
+
+def test_data_runs_agree_with_a_block_by_block_scan():
+    """The strided-sample zero finder against the obvious loop: random
+    blocks of zeros, data, data starting with zero bytes, one stray byte
+    anywhere, short last blocks, and stale bytes past n in the buffer."""
+    rng = random.Random(11)
+    for _ in range(3000):
+        block = rng.choice([512, 4096, 65536])
+        nb = rng.randint(1, 40)
+        n = nb * block - rng.choice([0, 0, 1, block // 2, block - 1])
+        buf = bytearray(n + rng.randint(0, 3 * block))
+        for b in range(nb):
+            kind = rng.random()
+            s = b * block
+            if kind < 0.4:
+                pos = s + rng.randrange(block)
+                if pos < len(buf):
+                    buf[pos] = rng.randint(1, 255)
+            elif kind < 0.6:
+                buf[s:s + block] = bytes([0] + [rng.randint(0, 255) for _ in range(7)]) * (block // 8)
+        buf[n:] = b"\x07" * (len(buf) - n)
+        zeros = memoryview(bytes(len(buf) + block))
+        assert copy_mod._data_runs(buf, n, block, zeros) == _runs_block_by_block(buf, n, block)

@@ -40,7 +40,7 @@ def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool
     top = dst.top
     block = max(top.block_size, 512)
     chunk = _chunk_size(block)
-    zero_block = bytes(block)
+    zero_view = memoryview(bytes(chunk))  # zeros to compare with, sliced without copying
     buf = bytearray(chunk)
     base_buf = bytearray(chunk) if base is not None else None
     stats = CopyStats()
@@ -76,15 +76,35 @@ def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool
     def emit(buf: bytearray, off: int, n: int, has_base: bool) -> None:
         """Write the blocks of buf[:n] (disk offset ``off``) that need writing:
         non-zero ones, or with a base the ones that differ from it."""
+        if has_base:
+            emit_over_base(buf, off, n)
+            return
+        view = memoryview(buf)
+        runs = ((0, n),) if write_zeros else _data_runs(buf, n, block, zero_view)
+        if compressor is None:
+            for a, b in runs:
+                top.write(off + a, view[a:b])
+                stats.written_bytes += b - a
+            return
+        batch = [(i, min(block, b - i)) for a, b in runs for i in range(a, b, block)]
+        if batch:
+            stats.written_bytes += sum(k for _, k in batch)
+            raw = bytes(view[:n])  # the buffer goes back to the reader
+            pending.append((off, raw, batch, pool.submit(_compress_batch, compressor, raw, batch)))
+            while len(pending) >= window:
+                write_oldest()
+
+    def emit_over_base(buf: bytearray, off: int, n: int) -> None:
+        """Block by block: skip what equals the base, record zeros where the
+        base has data, write (or compress) the rest."""
         run_start = None
         batch = []  # (i, k) of the blocks to compress
         for i in range(0, n, block):
             k = min(block, n - i)
-            is_zero = buf.startswith(zero_block if k == block else zero_block[:k], i)
-            if has_base:
-                action = "skip" if buf.startswith(base_buf[i:i + k], i) else ("zero" if is_zero else "data")
+            if buf.startswith(base_buf[i:i + k], i):
+                action = "skip"
             else:
-                action = "skip" if is_zero and not write_zeros else "data"
+                action = "zero" if buf.startswith(zero_view[:k], i) else "data"
             if action == "data" and compressor is None:
                 if run_start is None:
                     run_start = i
@@ -99,7 +119,7 @@ def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool
                 batch.append((i, k))
                 stats.written_bytes += k
         if batch:
-            raw = bytes(memoryview(buf)[:n])  # the buffer goes back to the reader
+            raw = bytes(memoryview(buf)[:n])
             pending.append((off, raw, batch, pool.submit(_compress_batch, compressor, raw, batch)))
             while len(pending) >= window:
                 write_oldest()
@@ -143,6 +163,50 @@ def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     return stats
+
+
+def _data_runs(buf: bytearray, n: int, block: int, zeros: memoryview) -> list:
+    """[start, end) runs of buf[:n] made of blocks that are not all zeros.
+
+    Without a Python step per block: the first byte of every block, taken
+    with one strided slice, rules out most blocks at once (a block whose
+    first byte is not zero is data); only the others are compared whole,
+    and a zero run, once found, is measured by galloping compares."""
+    firsts = buf[0:n:block]
+    nblocks = len(firsts)
+
+    def zero_blocks(c: int, t: int) -> bool:  # are blocks c .. c+t-1 all zeros?
+        start = c * block
+        return buf.startswith(zeros[:min(t * block, n - start)], start)
+
+    runs = []
+    i = 0  # start of the current data run
+    j = 0  # block index to look from for the next zero block
+    while j < nblocks:
+        c = firsts.find(0, j)
+        if c < 0:
+            break
+        if not zero_blocks(c, 1):
+            j = c + 1
+            continue
+        most = nblocks - c
+        good, t = 1, 2
+        while t <= most and zero_blocks(c, t):
+            good, t = t, 2 * t
+        bad = min(t, most + 1)
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            if zero_blocks(c, mid):
+                good = mid
+            else:
+                bad = mid
+        if c * block > i:
+            runs.append((i, c * block))
+        j = c + good
+        i = min(j * block, n)
+    if i < n:
+        runs.append((i, n))
+    return runs
 
 
 def _compress_batch(compressor, raw: bytes, items: list) -> list:
