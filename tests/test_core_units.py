@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -175,6 +177,29 @@ def test_broken_plugin_does_not_break_probing(tmp_path, monkeypatch):
     assert registry.probe_format(p) == "raw"
     with pytest.raises(VdError):
         registry.get_backend("bogus")
+
+
+def test_plugin_declared_by_an_installed_distribution_is_found(tmp_path, monkeypatch):
+    dist = tmp_path / "vdtool_fakefmt-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vdtool-fakefmt\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[vdtool.formats]\nfakefmt = vdtool_fakefmt:Backend\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_plugins", None)
+    assert registry._plugins_declared()
+    assert registry._plugin_specs() == {"fakefmt": "vdtool_fakefmt:Backend"}
+    assert "fakefmt" in registry.implemented()
+
+
+def test_no_plugins_means_no_importlib_metadata():
+    """importlib.metadata costs ~18 ms of start-up; it loads only where a
+    distribution declares a vdtool.formats entry point."""
+    code = ("import sys; from vdtool.core import registry as r; r._plugin_specs(); "
+            "print(r._plugins_declared(), 'importlib.metadata' in sys.modules)")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    declared, loaded = out.split()
+    assert loaded == declared
 
 
 # -- progress ----------------------------------------------------------------------------
