@@ -31,6 +31,7 @@ def _copy_layers(stack: ImageStack, target, lo: int, hi: int, progress: Progress
     """Copy what layers lo..hi (inclusive) hold into ``target``."""
     size = min(stack.virtual_size, target.virtual_size)
     buf = bytearray(CHUNK)
+    zeros = memoryview(bytes(CHUNK))
     pos = 0
     moved = 0
     while pos < size:
@@ -45,7 +46,7 @@ def _copy_layers(stack: ImageStack, target, lo: int, hi: int, progress: Progress
         if status == Status.DATA:
             view = memoryview(buf)[:n]
             stack.readinto_layers(pos, view, hi + 1)
-            if buf.startswith(bytes(n)) and target_standalone:
+            if target_standalone and buf.startswith(zeros[:n]):
                 pass  # zeros over nothing: leave unallocated
             else:
                 target.write(pos, view)

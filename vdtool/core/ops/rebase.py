@@ -59,6 +59,7 @@ def _copy_differences(stack: ImageStack, newp: Optional[ImageStack], progress: P
     chunk = max((4 << 20) // block, 1) * block
     old_buf = bytearray(chunk)
     new_buf = bytearray(chunk)
+    zeros = memoryview(bytes(chunk))
     levels = len(stack.layers) - 1
     pos = 0
     while pos < size:
@@ -88,14 +89,14 @@ def _copy_differences(stack: ImageStack, newp: Optional[ImageStack], progress: P
             inside = max(0, min(n, newp.virtual_size - pos))
             if inside:
                 newp.readinto(pos, new_view[:inside])
-            new_view[inside:] = bytes(n - inside)
+            new_view[inside:] = zeros[:n - inside]
         else:
-            new_view[:] = bytes(n)
-        i = 0
+            new_view[:] = zeros[:n]
+        i = n if old_buf.startswith(new_view) else 0  # the whole chunk alike: one memcmp
         while i < n:
             k = min(block - (pos + i) % block, n - i)
-            if old_buf[i:i + k] != new_buf[i:i + k]:
-                if old_buf.startswith(bytes(k), i):
+            if not old_buf.startswith(new_view[i:i + k], i):
+                if old_buf.startswith(zeros[:k], i):
                     write_explicit_zeroes(top, pos + i, k)
                 else:
                     top.write(pos + i, old_view[i:i + k])
