@@ -15,10 +15,13 @@ entries -- a released block is filled by moving the last one into it."""
 
 from __future__ import annotations
 
+import operator
 import struct
 import sys
 import uuid as uuidlib
 from array import array
+from collections import deque
+from itertools import repeat
 from typing import Optional
 
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, ParentRef, ParentSpec, Status
@@ -94,6 +97,49 @@ def _pow2(n: int) -> bool:
 
 def _zeros(n: int):
     return memoryview(_ZERO_CHUNK)[:n] if n <= len(_ZERO_CHUNK) else bytes(n)
+
+
+# -- scanning the block map without a Python step per entry ------------------------------------
+# A 64 TiB image has 2^26 entries.  Runs of one marker are passed over with
+# memcmp (bytearray.startswith against a run of the marker), whole chunks at a
+# time.  In a chunk that is not uniform, bytes.translate marks the bytes that
+# are not 0xff and bytes.find jumps from one marked entry to the next; where
+# that finds many, the rest of the chunk is sieved with SWAR arithmetic on one
+# big int (32-bit lanes), which yields a flag byte per entry for bytes.find.
+# Only the allocated entries then cost Python steps.
+_SCAN = 1 << 14  # entries per chunk
+_NOT_FF = bytes([1] * 255 + [0])  # translate table: 1 for every byte value but 0xff
+_FIND_STEPS = 64  # entries taken one find at a time before a chunk is sieved whole
+_FREE_RUN = memoryview(struct.pack("=I", VDI_IMAGE_BLOCK_FREE) * _SCAN)
+_ZERO_RUN = memoryview(struct.pack("=I", VDI_IMAGE_BLOCK_ZERO) * _SCAN)
+_LANE_ALL = (1 << (32 * _SCAN)) - 1
+_LANE_BIT0 = int.from_bytes(b"\x01\0\0\0" * _SCAN, "little")
+_LANE_LOW31 = int.from_bytes(b"\xff\xff\xff\x7f" * _SCAN, "little")
+_LANE_BIT31 = int.from_bytes(b"\0\0\0\x80" * _SCAN, "little")
+_TOP_BYTE = 3 if _LITTLE else 0  # the byte of a native u32 that holds bit 31
+_DATA_WINDOW = 64  # first window when measuring a run of allocated entries
+_DATA_RUN_CAP = 1 << 13  # a DATA run is reported in pieces of about this many blocks at most
+
+
+def _frag(prev: Optional[int], vals: list) -> int:
+    """Entries of ``vals`` whose block does not follow the one before (``prev``
+    for the first)."""
+    n = sum(map(operator.ne, vals[1:], map((1).__add__, vals)))
+    return n + (prev is not None and vals[0] != prev + 1)
+
+
+def _alloc_flags(seg) -> bytes:
+    """One byte per u32 entry of ``seg`` (native order): 0x80 where the entry
+    is allocated (below ZERO), 0 where it is a marker."""
+    m = len(seg)
+    mask = _LANE_ALL if m == 4 * _SCAN else (1 << (8 * m)) - 1
+    # a lane is zero exactly where the entry is FREE or ZERO: entry | 1 == 0xffffffff
+    z = (int.from_bytes(seg, sys.byteorder) | (_LANE_BIT0 & mask)) ^ mask
+    low = _LANE_LOW31 & mask
+    # per lane: adding 0x7fffffff to the low 31 bits carries into bit 31 unless they are all zero,
+    # and never into the next lane; or-ing z keeps bit 31 itself
+    nz = (((z & low) + low) | z) & _LANE_BIT31
+    return nz.to_bytes(m, sys.byteorder)[_TOP_BYTE::4]
 
 
 class VdiBackend(ImageBackend):
@@ -248,7 +294,10 @@ class VdiBackend(ImageBackend):
         self._hint_synthetic = bool(n & 0x80000000)
 
     def _read_map(self, lenient: bool) -> None:
-        raw = bytearray(self.file.pread_exact(self.offBlocks, 4 * self.cBlocks, "block map"))
+        size = 4 * self.cBlocks
+        raw = bytearray(size)  # read in place: a 64 TiB image has a 256 MiB map, copies cost
+        if self.file.readinto(self.offBlocks, raw) != size:
+            raw = bytearray(self.file.pread_exact(self.offBlocks, size, "block map"))  # raises: map cut short
         self._raw = raw
         self._mv = memoryview(raw).cast("I")
         if not _LITTLE:  # pragma: no cover - the map is little-endian on disk
@@ -256,38 +305,128 @@ class VdiBackend(ImageBackend):
             a.byteswap()
             self._raw = bytearray(a.tobytes())
             self._mv = memoryview(self._raw).cast("I")
-        self._scan_map(lenient)
+        if lenient:
+            self._map_problems = None  # check scans anyway: not twice (see _problems)
+        else:
+            self._scan_map(lenient)
 
-    def _scan_map(self, lenient: bool) -> None:
+    def _problems(self) -> list:
+        if self._map_problems is None:
+            self._scan_map(lenient=True)
+        return self._map_problems
+
+    def _scan_map(self, lenient: bool) -> tuple:
         """Entries past the file are refused at open (reading them would give
         whatever lies there); a wrong count or shared blocks only stop writing
-        until ``check -r all`` repairs them."""
+        until ``check -r all`` repairs them.  Returns _map_stats()."""
         n = self.cBlocksAllocated
         total = self._total
         limit = (self._fsize - self.offData) // total if self._fsize > self.offData else 0
         if self._fsize > self.offData and (self._fsize - self.offData) % total:
             limit += 1  # a short last block reads its missing tail as zeros
+        # The usual case, decided without a Python step per entry: every entry
+        # below the count and the file end, none shared.  Any doubt and the
+        # exact per-entry pass below decides (and words) what is wrong.
+        bound = min(n, limit)
+        seen = bytearray(max(n, 0))
+        count = frag = 0
+        prev = None
+        for idx, vals in self._allocated_chunks():
+            if max(vals) >= bound or len(set(vals)) != len(vals) or any(map(seen.__getitem__, vals)):
+                break
+            deque(map(seen.__setitem__, vals, repeat(1)), 0)
+            count += len(vals)
+            frag += _frag(prev, vals)
+            prev = vals[-1]
+        else:
+            self._map_problems = []
+            return count, frag
         problems = []
         seen = bytearray(max(n, 0))
-        mv = self._mv
-        if not self._raw.lstrip(b"\xff"):
-            self._map_problems = []
-            return
-        for i, e in enumerate(mv):
-            if e >= VDI_IMAGE_BLOCK_ZERO:
-                continue
-            if e >= limit or e >= self.cBlocks:
-                if not lenient:
-                    raise self._corrupt(f"block map entry {i} points to data block {e}, past the end of the file "
-                                        f"(room for {limit} blocks)")
-                problems.append(("eof", i, e))
-            elif e >= n:
-                problems.append(("count", i, e))
-            elif seen[e]:
-                problems.append(("dup", i, e))
-            else:
-                seen[e] = 1
+        count = frag = 0
+        prev = None
+        for idx, vals in self._allocated_chunks():
+            count += len(vals)
+            frag += _frag(prev, vals)
+            prev = vals[-1]
+            for i, e in zip(idx, vals):
+                if e >= limit or e >= self.cBlocks:
+                    if not lenient:
+                        raise self._corrupt(f"block map entry {i} points to data block {e}, past the end of the "
+                                            f"file (room for {limit} blocks)")
+                    problems.append(("eof", i, e))
+                elif e >= n:
+                    problems.append(("count", i, e))
+                elif seen[e]:
+                    problems.append(("dup", i, e))
+                else:
+                    seen[e] = 1
         self._map_problems = problems
+        return count, frag
+
+    def _chunk_allocated(self, c: int, d: int) -> list:
+        """Indices of the allocated entries in [c, d), in order."""
+        raw, mv = self._raw, self._mv
+        marked = raw[4 * c:4 * d].translate(_NOT_FF)
+        idx: list = []
+        p = marked.find(1)
+        steps = 0
+        while p >= 0:
+            i = c + (p >> 2)
+            if steps == _FIND_STEPS:  # dense: sieve the rest in one go
+                flags = _alloc_flags(raw[4 * i:4 * d])
+                k = flags.count(0x80)
+                if k == d - i:
+                    idx.extend(range(i, d))
+                elif k:
+                    q = flags.find(0x80)
+                    while q >= 0:
+                        idx.append(i + q)
+                        q = flags.find(0x80, q + 1)
+                break
+            steps += 1
+            if mv[i] < VDI_IMAGE_BLOCK_ZERO:
+                idx.append(i)
+            p = marked.find(1, (i + 1 - c) << 2)
+        return idx
+
+    def _allocated_chunks(self, lo: int = 0, hi: Optional[int] = None):
+        """(indices, entries) of the allocated map entries in [lo, hi), one
+        chunk at a time in map order (memory stays bounded on a hostile map
+        full of entries), never empty; the cost follows their number, not the
+        map's size.  Changing entries of a chunk already yielded is safe."""
+        hi = self.cBlocks if hi is None else hi
+        raw, mv = self._raw, self._mv
+        for c in range(lo, hi, _SCAN):
+            d = min(c + _SCAN, hi)
+            k = 4 * (d - c)
+            if raw.startswith(_FREE_RUN[:k], 4 * c) or raw.startswith(_ZERO_RUN[:k], 4 * c):
+                continue
+            idx = self._chunk_allocated(c, d)
+            if len(idx) == d - c:
+                yield idx, mv[c:d].tolist()
+            elif idx:
+                yield idx, list(map(mv.__getitem__, idx))
+
+    def _allocated(self, lo: int = 0, hi: Optional[int] = None) -> tuple:
+        """([index], [entry]) of all allocated entries in [lo, hi)."""
+        idx: list = []
+        vals: list = []
+        for i, v in self._allocated_chunks(lo, hi):
+            idx.extend(i)
+            vals.extend(v)
+        return idx, vals
+
+    def _map_stats(self) -> tuple:
+        """(allocated entries, fragmented ones: allocated entries, in map
+        order, whose data block does not follow the previous one's)."""
+        count = frag = 0
+        prev = None
+        for _, vals in self._allocated_chunks():
+            count += len(vals)
+            frag += _frag(prev, vals)
+            prev = vals[-1]
+        return count, frag
 
     # == facts =====================================================================================
     @property
@@ -349,7 +488,7 @@ class VdiBackend(ImageBackend):
         return ["{" + _uuid_str(self.uuidLinkage) + "}"]
 
     def _allocated_count(self) -> int:
-        return sum(1 for e in self._mv if e < VDI_IMAGE_BLOCK_ZERO)
+        return sum(len(idx) for idx, _ in self._allocated_chunks())
 
     def info(self) -> dict:
         ver = self.u32Version
@@ -379,7 +518,7 @@ class VdiBackend(ImageBackend):
             d["parent-modification-uuid"] = _uuid_str(self.uuidParentModify)
         if self._hint is not None:
             d["parent-name"] = self._hint
-        if self._map_problems:
+        if self._problems():
             d["block-map-errors"] = len(self._map_problems)
         return d
 
@@ -404,23 +543,50 @@ class VdiBackend(ImageBackend):
         last = (end - 1) >> shift
         e = self._mv[b]
         status = self._status_of(e)
-        nb = b + 1
         if status == Status.DATA:
-            mv = self._mv
-            while nb <= last and mv[nb] < VDI_IMAGE_BLOCK_ZERO:
-                nb += 1
+            nb = self._data_run_end(b + 1, last + 1)
         else:
-            # runs of one marker: count the leading bytes of it in C, not entry by entry
-            pat = b"\xff" if e == VDI_IMAGE_BLOCK_FREE else None
-            if pat is not None:
-                seg = bytes(self._raw[4 * nb:4 * (last + 1)])
-                nb += (len(seg) - len(seg.lstrip(pat))) // 4
-            else:
-                mv = self._mv
-                while nb <= last and mv[nb] == e:
-                    nb += 1
+            nb = self._marker_run_end(b + 1, last + 1, e)
         run_end = min(nb << shift, end)
         return status, run_end - offset
+
+    def _marker_run_end(self, lo: int, hi: int, e: int) -> int:
+        """First entry in [lo, hi) that is not the marker ``e``, or hi."""
+        raw = self._raw
+        run = _FREE_RUN if e == VDI_IMAGE_BLOCK_FREE else _ZERO_RUN
+        c = lo
+        while c < hi:
+            d = min(c + _SCAN, hi)
+            if not raw.startswith(run[:4 * (d - c)], 4 * c):
+                # the first d - c entries differ: halve the prefix that is all marker (memcmp each time)
+                good, bad = 0, d - c
+                while bad - good > 1:
+                    mid = (good + bad) // 2
+                    if raw.startswith(run[:4 * mid], 4 * c):
+                        good = mid
+                    else:
+                        bad = mid
+                return c + good
+            c = d
+        return hi
+
+    def _data_run_end(self, lo: int, hi: int) -> int:
+        """First entry in [lo, hi) that is not allocated, or hi; or an earlier
+        end after about _DATA_RUN_CAP entries.  Callers (convert) cut DATA runs
+        into buffer-sized pieces and ask again from each: measuring the whole
+        run every time would make a fully allocated map cost quadratic time.
+        The windows grow, so a short run costs little."""
+        raw = self._raw
+        c = lo
+        w = _DATA_WINDOW
+        while c < hi and c - lo < _DATA_RUN_CAP:
+            d = min(c + w, hi, lo + _DATA_RUN_CAP)
+            p = _alloc_flags(raw[4 * c:4 * d]).find(0)
+            if p >= 0:
+                return c + p
+            c = d
+            w = min(4 * w, _SCAN)
+        return c
 
     def _data_pos(self, b: int, e: int) -> int:
         if e >= self.cBlocks:
@@ -452,7 +618,7 @@ class VdiBackend(ImageBackend):
     def _begin_write(self, content: bool = True) -> None:
         if not self.writable:
             raise ReadOnlyError("image is opened read-only", self.path)
-        if self._map_problems:
+        if self._problems():
             raise self._corrupt(f"block map has {len(self._map_problems)} inconsistent entries (first: entry "
                                 f"{self._map_problems[0][1]} -> block {self._map_problems[0][2]}); "
                                 f"'vdtool check -r all' repairs it")
@@ -499,7 +665,7 @@ class VdiBackend(ImageBackend):
 
     def _map_bytes(self, lo: int, hi: int) -> bytes:
         if _LITTLE:
-            return bytes(self._raw[4 * lo:4 * hi])
+            return bytes(memoryview(self._raw)[4 * lo:4 * hi])  # one copy, not two
         a = array("I", self._mv[lo:hi])  # pragma: no cover
         a.byteswap()
         return a.tobytes()
@@ -640,9 +806,10 @@ class VdiBackend(ImageBackend):
         """data index -> virtual block (-1: unused) for indices below cBlocksAllocated."""
         n = self.cBlocksAllocated
         rev = array("q", [-1]) * n
-        for i, e in enumerate(self._mv):
-            if e < n:
-                rev[e] = i
+        for idx, vals in self._allocated_chunks():
+            for i, e in zip(idx, vals):
+                if e < n:
+                    rev[e] = i
         return rev
 
     def _close_holes(self, progress: Progress = NO_PROGRESS) -> int:
@@ -736,17 +903,17 @@ class VdiBackend(ImageBackend):
             if variant == "fixed":
                 a = array("I", range(blocks))
                 self.cBlocksAllocated = blocks
+                if not _LITTLE:  # pragma: no cover
+                    a.byteswap()
+                self._raw = bytearray(a.tobytes())
             else:
-                a = array("I", [VDI_IMAGE_BLOCK_FREE]) * blocks
-            if not _LITTLE:  # pragma: no cover
-                a.byteswap()
-            self._raw = bytearray(a.tobytes())
+                self._raw = bytearray(b"\xff") * (4 * blocks)  # all FREE, without an array and two copies
             self._mv = memoryview(self._raw).cast("I")
             end = off_data + (blocks * bs if variant == "fixed" else 0)
             f.truncate(end)
             f.pwrite(0, VDIPREHEADER.pack(VDI_IMAGE_FILE_INFO, VDI_IMAGE_SIGNATURE, VDI_IMAGE_VERSION))
             f.pwrite(72, self._header_bytes())
-            f.pwrite(off_blocks, self._map_bytes(0, blocks))
+            f.pwrite(off_blocks, self._raw if _LITTLE else self._map_bytes(0, blocks))  # no copy of a big map
             if variant == "fixed":
                 step = 64 << 20
                 total = blocks * bs
@@ -920,8 +1087,8 @@ class VdiBackend(ImageBackend):
             moved[j] = base + j
         self.file.flush()
         mv = self._mv
-        for i, e in enumerate(mv):
-            if e < VDI_IMAGE_BLOCK_ZERO:
+        for idx, vals in self._allocated_chunks():
+            for i, e in zip(idx, vals):
                 mv[i] = moved.get(e, e) - k
         self.offData += k * total
         self.cBlocksAllocated = base + min(k, n) - k
@@ -941,9 +1108,8 @@ class VdiBackend(ImageBackend):
         diff = self.is_diff
         size = self.virtual_size
         scan = progress.sub(0, 70)
-        for b in range(self.cBlocks):
-            e = self._mv[b]
-            if e < VDI_IMAGE_BLOCK_ZERO:
+        for idx, vals in self._allocated_chunks():
+            for b, e in zip(idx, vals):
                 self.file.readinto(self._data_pos(b, e), buf)
                 if buf == zero:
                     marker = VDI_IMAGE_BLOCK_FREE
@@ -953,7 +1119,8 @@ class VdiBackend(ImageBackend):
                         if inside and self.parent_read(start, inside) != zero[:inside]:
                             marker = VDI_IMAGE_BLOCK_ZERO
                     self._set_entry(b, marker)
-            scan.update(b + 1, self.cBlocks)
+                scan.update(b + 1, self.cBlocks)
+        scan.update(self.cBlocks, self.cBlocks)
         self._close_holes(progress.sub(70, 30))
         self._sync_metadata()
 
@@ -976,15 +1143,19 @@ class VdiBackend(ImageBackend):
             self._sync_metadata()
         fsize = self.file.size()
         self._fsize = fsize
-        self._scan_map(lenient=True)
+        count, frag = self._scan_map(lenient=True)
         problems = list(self._map_problems)
         n = self.cBlocksAllocated
-        used = bytearray(n)
-        for i in range(self.cBlocks):
-            e = self._mv[i]
-            if e < n:
-                used[e] = 1
-        leaks = n - sum(used)
+        # data blocks below the count that some entry points at (without problems: every entry, once)
+        used = count
+        if problems:
+            seen = bytearray(n)
+            for _, vals in self._allocated_chunks():
+                for e in vals:
+                    if e < n:
+                        seen[e] = 1
+            used = n - seen.count(0)
+        leaks = n - used
         for kind, b, e in problems:
             if kind == "eof":
                 res.messages.append(f"ERROR: block map entry {b} points to data block {e}, past the end of the file")
@@ -994,7 +1165,7 @@ class VdiBackend(ImageBackend):
             else:
                 res.messages.append(f"ERROR: block map entry {b} points to data block {e}, which another entry uses")
         res.corruptions = len(problems)
-        short = n and fsize < self._block_pos(n) and any(used)
+        short = bool(n) and fsize < self._block_pos(n) and used > 0
         if short:
             res.corruptions += 1
             res.messages.append(f"ERROR: the file ends at {fsize}, inside the {n} allocated blocks "
@@ -1002,7 +1173,7 @@ class VdiBackend(ImageBackend):
         if leaks:
             res.leaks = leaks
             res.messages.append(f"Leaked block(s): {leaks} of the {n} allocated blocks are not in the block map")
-        if self.u32Type == VDI_IMAGE_TYPE_FIXED and self._allocated_count() != self.cBlocks:
+        if self.u32Type == VDI_IMAGE_TYPE_FIXED and count != self.cBlocks:
             res.messages.append("warning: a fixed image with unallocated blocks")
         if repair == "all" and (problems or short):
             self._repair_map(problems)
@@ -1016,19 +1187,10 @@ class VdiBackend(ImageBackend):
             res.leaks_fixed = min(res.leaks, reclaimed)
         if repair:
             self._sync_metadata()
-        count = self._allocated_count()
+            count, frag = self._map_stats()
         res.total_clusters = self.cBlocks
-        res.allocated_clusters = count
+        res.allocated_clusters, res.fragmented_clusters = count, frag
         res.image_end_offset = self._block_pos(self.cBlocksAllocated)
-        frag = 0
-        prev = None
-        for i in range(self.cBlocks):
-            e = self._mv[i]
-            if e < VDI_IMAGE_BLOCK_ZERO:
-                if prev is not None and e != prev + 1:
-                    frag += 1
-                prev = e
-        res.fragmented_clusters = frag
 
     def _repair_map(self, problems: list) -> None:
         diff = self.is_diff
@@ -1047,9 +1209,10 @@ class VdiBackend(ImageBackend):
             return
         # a shared block is copied (into an unused slot first) so both entries keep reading what they read
         used = bytearray(self.cBlocksAllocated)
-        for e in self._mv:
-            if e < self.cBlocksAllocated:
-                used[e] = 1
+        for _, vals in self._allocated_chunks():
+            for e in vals:
+                if e < self.cBlocksAllocated:
+                    used[e] = 1
         holes = [i for i, u in enumerate(used) if not u]
         buf = bytearray(self._total)
         for b, e in dups:
