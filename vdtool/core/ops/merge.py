@@ -35,7 +35,11 @@ def _copy_layers(stack: ImageStack, target, lo: int, hi: int, progress: Progress
     pos = 0
     moved = 0
     while pos < size:
-        status, n, level = stack.block_status(pos, min(CHUNK, size - pos), top=hi, bottom=lo)
+        # runs that hold no data are taken whole (an empty 2 TiB base is a
+        # handful of calls, not half a million); data is read a chunk at a time
+        status, n, level = stack.block_status(pos, size - pos, top=hi, bottom=lo)
+        if status == Status.DATA:
+            n = min(n, CHUNK)
         if only_where_target_unallocated:
             tstatus, tn = target.block_status(pos, n)
             n = min(n, tn)
