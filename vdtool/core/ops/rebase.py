@@ -63,8 +63,8 @@ def _copy_differences(stack: ImageStack, newp: Optional[ImageStack], progress: P
     levels = len(stack.layers) - 1
     pos = 0
     while pos < size:
-        n = min(chunk - pos % chunk, size - pos)
-        status, n = top.block_status(pos, n)
+        # runs are taken whole until data has to be read, then a chunk at a time
+        status, n = top.block_status(pos, size - pos)
         if status != Status.UNALLOCATED:
             pos += n
             progress.update(pos, size)
@@ -82,6 +82,7 @@ def _copy_differences(stack: ImageStack, newp: Optional[ImageStack], progress: P
             pos += min(n, on, nn)
             progress.update(pos, size)
             continue
+        n = min(n, chunk - pos % chunk)
         old_view = memoryview(old_buf)[:n]
         stack.readinto_layers(pos, old_view, levels)
         new_view = memoryview(new_buf)[:n]
