@@ -189,7 +189,7 @@ def main() -> None:
     if wanted("check 4 KiB-cluster qcow2") and not os.path.exists(w("meta-4G.qcow2")):
         subprocess.run([qemu, "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096,preallocation=metadata",
                         w("meta-4G.qcow2"), "4G"], check=True)
-    if wanted("convert 100 GiB sparse") and not os.path.exists(w("sparse-100G.raw")):
+    if wanted("convert 100 GiB sparse raw->qcow2 (memory)") and not os.path.exists(w("sparse-100G.raw")):
         with open(w("sparse-100G.raw"), "wb") as f:  # 100 GiB, 64 MiB of data spread over it
             f.truncate(100 << 30)
             rng = random.Random(99)
