@@ -74,6 +74,23 @@ def test_version_imports_nothing_heavy(tmp_path):
         assert not any(m == bad or m.startswith(bad + ".") for m in modules), (bad, sorted(modules))
 
 
+def test_info_imports_only_its_own_op(tmp_path):
+    """Start-up of `vdtool info` (issue 8: at most 40 ms over bare Python):
+    the other ops, their staging and thread pools, importlib.metadata and
+    the progress bars stay unloaded."""
+    img = tmp_path / "a.qcow2"
+    vd(tmp_path, "create", "-q", str(img), "1G", expect=0)
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "vdtool", "info", str(img)], cwd=tmp_path,
+                          capture_output=True, text=True, env=_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    modules = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert "vdtool.core.ops._info" in modules
+    for bad in ("vdtool.core.ops._convert", "vdtool.core.ops._merge", "vdtool.core.ops._check", "vdtool.core.copy",
+                "importlib.metadata", "rich", "tqdm", "xxhash", "concurrent.futures", "vdtool.formats.vdi",
+                "vdtool.formats.vmdk"):
+        assert bad not in modules, (bad, sorted(m for m in modules if m.startswith("vdtool")))
+
+
 @pytest.mark.parametrize("flag", ["-h", "--help"])
 def test_help_lists_the_commands(tmp_path, flag):
     proc = vd(tmp_path, flag, expect=0)
@@ -576,7 +593,7 @@ def _invoke(args):
     (KeyboardInterrupt(), 130, "interrupted"),
 ])
 def test_exceptions_become_one_line(tmp_path, monkeypatch, exc, code, fragment):
-    info_mod = importlib.import_module("vdtool.core.ops.info")
+    info_mod = importlib.import_module("vdtool.core.ops._info")
 
     def boom(*a, **k):
         raise exc
@@ -589,7 +606,7 @@ def test_exceptions_become_one_line(tmp_path, monkeypatch, exc, code, fragment):
 
 
 def test_operation_cancelled_exit_130(tmp_path, monkeypatch):
-    compact_mod = importlib.import_module("vdtool.core.ops.compact")
+    compact_mod = importlib.import_module("vdtool.core.ops._compact")
     from vdtool.core.errors import OperationCancelled
 
     def cancelled(*a, **k):
@@ -602,7 +619,7 @@ def test_operation_cancelled_exit_130(tmp_path, monkeypatch):
 
 
 def test_debug_shows_traceback(tmp_path, monkeypatch):
-    info_mod = importlib.import_module("vdtool.core.ops.info")
+    info_mod = importlib.import_module("vdtool.core.ops._info")
 
     def boom(*a, **k):
         raise ValueError("boom")

@@ -13,7 +13,7 @@ import pytest
 import peers
 from vdtool.core import copy as copy_mod
 from vdtool.core.errors import VdError
-from vdtool.core.ops.convert import convert
+from vdtool.core.ops._convert import convert
 
 M = 1 << 20
 

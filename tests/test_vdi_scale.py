@@ -18,7 +18,7 @@ import pytest
 import peers
 from vdtool.core.backend import Status
 from vdtool.core.errors import CorruptImageError
-from vdtool.core.ops.check import check as check_op
+from vdtool.core.ops._check import check as check_op
 from vdtool.formats import vdi as vdimod
 from vdtool.formats.vdi import VdiBackend
 

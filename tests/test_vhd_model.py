@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import peers
 from vdtool.core import ops
-from vdtool.core.ops.discard import discard_zero_blocks
+from vdtool.core.ops._discard import discard_zero_blocks
 from vdtool.core.stack import open_image
 
 K, M = 1 << 10, 1 << 20

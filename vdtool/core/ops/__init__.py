@@ -1,20 +1,34 @@
 """Operations: plain functions over images, used by the CLI and the Python
 API alike (VirtualBox's VDCreate/VDCopy/VDCompact/VDResize/VDMerge).
 
-Imported eagerly: a lazy ``__getattr__`` here is shadowed by the submodule of
-the same name as soon as anything imports ``vdtool.core.ops.info`` directly.
-The op modules keep their own heavy imports (thread pools, xxhash) inside
-the functions that need them, so this stays cheap."""
+``vdtool.core.ops.convert`` (and the others) load on first use: ``vdtool
+info`` should not pay for importing convert's staging or merge's chain
+logic.  The implementations live in ``_convert.py`` and so on; modules
+named like the functions would replace them as package attributes the
+moment anything imported them."""
 
-from vdtool.core.ops.check import check
-from vdtool.core.ops.compact import compact
-from vdtool.core.ops.convert import ConvertResult, convert
-from vdtool.core.ops.create import create
-from vdtool.core.ops.discard import discard
-from vdtool.core.ops.info import info
-from vdtool.core.ops.merge import merge
-from vdtool.core.ops.rebase import rebase
-from vdtool.core.ops.resize import resize
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "check": "_check", "compact": "_compact", "convert": "_convert", "ConvertResult": "_convert",
+    "create": "_create", "discard": "_discard", "info": "_info", "merge": "_merge", "rebase": "_rebase",
+    "resize": "_resize",
+}
 
 __all__ = ["check", "compact", "convert", "ConvertResult", "create", "discard", "info", "merge", "rebase",
            "resize"]
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
