@@ -51,7 +51,7 @@ def command(src, dst, fmt, out_fmt, variant, block_size, parent, parent_format, 
     refused unless --force is given.  A new DST is not flushed to the disk
     unless --sync is given (the page cache holds it until the kernel writes
     it back, as with qemu-img convert or cp); one that replaces an existing
-    file always is.
+    file is, unless --no-sync is given.
 
     Images are locked as QEMU locks them (OFD locks on their lock bytes):
     one that a running VM or qemu-img holds for writing is refused ("in
