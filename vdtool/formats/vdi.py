@@ -128,6 +128,25 @@ def _frag(prev: Optional[int], vals: list) -> int:
     return n + (prev is not None and vals[0] != prev + 1)
 
 
+class _MapTally:
+    """Allocated entries and fragmented ones (see _map_stats), fed the
+    allocated entries chunk by chunk in map order."""
+
+    __slots__ = ("count", "frag", "prev")
+
+    def __init__(self):
+        self.count = self.frag = 0
+        self.prev: Optional[int] = None
+
+    def add(self, vals: list) -> None:
+        self.count += len(vals)
+        self.frag += _frag(self.prev, vals)
+        self.prev = vals[-1]
+
+    def result(self) -> tuple:
+        return self.count, self.frag
+
+
 def _alloc_flags(seg) -> bytes:
     """One byte per u32 entry of ``seg`` (native order): 0x80 where the entry
     is allocated (below ZERO), 0 where it is a marker."""
@@ -329,26 +348,20 @@ class VdiBackend(ImageBackend):
         # exact per-entry pass below decides (and words) what is wrong.
         bound = min(n, limit)
         seen = bytearray(max(n, 0))
-        count = frag = 0
-        prev = None
+        tally = _MapTally()
         for idx, vals in self._allocated_chunks():
             if max(vals) >= bound or len(set(vals)) != len(vals) or any(map(seen.__getitem__, vals)):
                 break
             deque(map(seen.__setitem__, vals, repeat(1)), 0)
-            count += len(vals)
-            frag += _frag(prev, vals)
-            prev = vals[-1]
+            tally.add(vals)
         else:
             self._map_problems = []
-            return count, frag
+            return tally.result()
         problems = []
         seen = bytearray(max(n, 0))
-        count = frag = 0
-        prev = None
+        tally = _MapTally()
         for idx, vals in self._allocated_chunks():
-            count += len(vals)
-            frag += _frag(prev, vals)
-            prev = vals[-1]
+            tally.add(vals)
             for i, e in zip(idx, vals):
                 if e >= limit or e >= self.cBlocks:
                     if not lenient:
@@ -362,7 +375,7 @@ class VdiBackend(ImageBackend):
                 else:
                     seen[e] = 1
         self._map_problems = problems
-        return count, frag
+        return tally.result()
 
     def _chunk_allocated(self, c: int, d: int) -> list:
         """Indices of the allocated entries in [c, d), in order."""
@@ -420,13 +433,10 @@ class VdiBackend(ImageBackend):
     def _map_stats(self) -> tuple:
         """(allocated entries, fragmented ones: allocated entries, in map
         order, whose data block does not follow the previous one's)."""
-        count = frag = 0
-        prev = None
+        tally = _MapTally()
         for _, vals in self._allocated_chunks():
-            count += len(vals)
-            frag += _frag(prev, vals)
-            prev = vals[-1]
-        return count, frag
+            tally.add(vals)
+        return tally.result()
 
     # == facts =====================================================================================
     @property
