@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import enum
 import os
+import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional
 
-from vdtool.core.errors import NotSupported, ReadOnlyError, UsageError
+from vdtool.core.errors import NotSupported, ReadOnlyError, UsageError, VdError
 from vdtool.core.progress import NO_PROGRESS, Progress
 
 
@@ -124,6 +126,35 @@ class CheckResult:
     fragmented_clusters: Optional[int] = None
     compressed_clusters: Optional[int] = None
     messages: list = field(default_factory=list)
+
+    # Every format reports in the same words: "ERROR: ..." for corruption
+    # and check errors, "Repairing: ..." for corruption being repaired,
+    # "Leaked: ..." for leaks, notes as given; at most MAX_MESSAGES lines
+    # (the counts go on).
+    MAX_MESSAGES = 200
+
+    def say(self, text: str) -> None:
+        """Add one report line (notes and warnings: no count changes)."""
+        if len(self.messages) < self.MAX_MESSAGES:
+            self.messages.append(text)
+        elif len(self.messages) == self.MAX_MESSAGES:
+            self.messages.append("(further messages left out)")
+
+    def corrupt(self, text: str, count: int = 1, repairing: bool = False) -> None:
+        """``count`` corruptions, described by ``text``."""
+        self.corruptions += count
+        self.say(("Repairing: " if repairing else "ERROR: ") + text)
+
+    def leak(self, text: str, count: int = 1) -> None:
+        """``count`` leaked clusters or blocks, described by ``text``."""
+        self.leaks += count
+        self.say("Leaked: " + text)
+
+    def error(self, text: str) -> None:
+        """The check itself could not look at something (qemu-img's
+        check-errors: exit status 1)."""
+        self.check_errors += 1
+        self.say("ERROR: " + text)
 
     def to_json(self, filename: str, fmt: str) -> dict:
         d: dict = {"filename": filename, "format": fmt, "check-errors": self.check_errors}
@@ -327,10 +358,38 @@ class ImageBackend:
     def compact(self, progress: Progress = NO_PROGRESS) -> None:
         raise NotSupported("compact", self.name, self.path)
 
+    # -- check (a template method: formats implement _check) ------------------
     def check(self, repair: Optional[str] = None, progress: Progress = NO_PROGRESS) -> CheckResult:
-        """``repair`` is None, 'leaks' or 'all'.  ``progress``: where a check
-        walks metadata proportional to the image (qcow2's L2 tables), it
-        reports as it goes; the op reports 100 at the end."""
+        """Check the image's metadata; ``repair`` is None, 'leaks' or 'all'.
+
+        The same for every format: the repair mode and the image's
+        capabilities and writability are validated here, the format's
+        ``_check`` fills in a CheckResult, and what it raises on the way
+        (a VdError, or a parse error from a damaged table) becomes a check
+        error instead of ending the check."""
+        if repair not in (None, "leaks", "all"):
+            raise UsageError(f"check repair mode must be None, 'leaks' or 'all', not {repair!r}")
+        if not self.capabilities & Cap.CHECK:
+            raise NotSupported("check", self.name, self.path)
+        if repair and not self.capabilities & Cap.REPAIR:
+            raise NotSupported("repair", self.name, self.path)
+        if repair and not self.writable:
+            raise ReadOnlyError("image is opened read-only; it must be opened for writing to repair it", self.path)
+        res = CheckResult()
+        try:
+            self._check(res, repair, progress)
+        except VdError as e:
+            res.error(str(e))
+        except (struct.error, ValueError, OverflowError, IndexError, KeyError, zlib.error, MemoryError) as e:
+            res.error(f"internal check failure: {type(e).__name__}: {e}")
+        return res
+
+    def _check(self, res: CheckResult, repair: Optional[str], progress: Progress) -> None:
+        """The format's check (Cap.CHECK): count what is wrong into ``res``
+        with its ``corrupt``/``leak``/``error``/``say`` helpers, and repair
+        it when ``repair`` asks ('leaks' or 'all'; the image is then open
+        for writing).  Where the walk is proportional to the image, report
+        ``progress`` as it goes; the op reports 100 at the end."""
         raise NotSupported("check", self.name, self.path)
 
     def defer_identity_change(self) -> None:

@@ -14,6 +14,7 @@ import sys
 from contextlib import contextmanager
 
 from vdtool.core.errors import CorruptImageError, ImageInUse, VdError
+from vdtool.core.bytesutil import ZERO_BUFFER, zeros
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -426,11 +427,16 @@ class ImageFile:
         length = min(length, end - offset)
         if self.punch_hole(offset, length):
             return
-        chunk = bytes(min(length, 1 << 20))
+        self.write_zeroes(offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Write ``length`` zero bytes at ``offset`` (allocating them: use
+        ``zero_range`` to release blocks instead)."""
+        end = offset + length
         pos = offset
-        while pos < offset + length:
-            n = min(len(chunk), offset + length - pos)
-            self.pwrite(pos, memoryview(chunk)[:n])
+        while pos < end:
+            n = min(len(ZERO_BUFFER), end - pos)
+            self.pwrite(pos, zeros(n))
             pos += n
 
     def preallocate(self, offset: int, length: int) -> None:
@@ -443,12 +449,7 @@ class ImageFile:
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise os_error(self.path, e) from None
-        chunk = bytes(1 << 20)
-        pos = offset
-        while pos < offset + length:
-            n = min(len(chunk), offset + length - pos)
-            self.pwrite(pos, memoryview(chunk)[:n])
-            pos += n
+        self.write_zeroes(offset, length)
 
     # -- facts ---------------------------------------------------------------
     def size(self) -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from vdtool.core.backend import Cap, CheckResult
-from vdtool.core.errors import ChainError, NotSupported, UsageError, VdError
+from vdtool.core.backend import CheckResult
+from vdtool.core.errors import ChainError, UsageError, VdError
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.core.stack import open_backend, open_image
 
@@ -20,10 +20,6 @@ def check(path: str, fmt: Optional[str] = None, *, repair: Optional[str] = None,
     img = open_backend(path, fmt, writable=repair is not None, untrusted=untrusted, force_share=force_share,
                        options={"check": True, "repair": bool(repair), "force": force})
     try:
-        if not img.capabilities & Cap.CHECK:
-            raise NotSupported("check", img.name, path)
-        if repair and not img.capabilities & Cap.REPAIR:
-            raise NotSupported("repair", img.name, path)
         result = img.check(repair, progress=progress.sub(0, 95))
         if repair:
             img.flush()

@@ -1,0 +1,91 @@
+"""Byte helpers every format shares: one zero buffer, integer rounding, and
+big/little-endian arrays of table entries.
+
+Formats keep their tables (qcow2 L1/L2, VHD BAT, VDI block map) as
+``array.array`` of host-order integers; these turn the on-disk bytes into
+such arrays and back with one C-level byteswap, never a Python loop."""
+
+from __future__ import annotations
+
+import sys
+from array import array
+
+# One shared, read-only buffer of zeros; slices of it are handed out as
+# memoryviews, so writing or comparing zeros never allocates.
+ZERO_BUFFER = bytes(2 << 20)
+
+_LITTLE = sys.byteorder == "little"
+# array typecodes by item size (``L`` is 8 bytes on LP64, so 4-byte items
+# need ``I`` there and ``L`` where ``I`` is 2 bytes)
+U8, U16, U64 = "B", "H", "Q"
+U32 = "I" if array("I").itemsize == 4 else "L"
+
+
+def zeros(n: int):
+    """``n`` zero bytes: a view of the shared buffer where it is large
+    enough, else a new ``bytes``."""
+    return memoryview(ZERO_BUFFER)[:n] if n <= len(ZERO_BUFFER) else bytes(n)
+
+
+def is_zero(buf, start: int = 0, n: int | None = None) -> bool:
+    """Whether ``buf[start:start + n]`` is all zero bytes (memcmp in pieces
+    of the shared buffer; ``buf`` must have ``startswith``: bytes or
+    bytearray)."""
+    if n is None:
+        n = len(buf) - start
+    pos = 0
+    while pos < n:
+        k = min(len(ZERO_BUFFER), n - pos)
+        if not buf.startswith(ZERO_BUFFER[:k], start + pos):
+            return False
+        pos += k
+    return True
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def align_up(n: int, a: int) -> int:
+    """``n`` rounded up to a multiple of ``a`` (any positive ``a``)."""
+    return -(-n // a) * a
+
+
+def align_down(n: int, a: int) -> int:
+    return n // a * a
+
+
+def be_array(raw, typecode: str = U64) -> array:
+    """Big-endian integers from ``raw`` as a host-order array."""
+    a = array(typecode)
+    a.frombytes(raw)
+    if _LITTLE and a.itemsize > 1:
+        a.byteswap()
+    return a
+
+
+def le_array(raw, typecode: str = U32) -> array:
+    """Little-endian integers from ``raw`` as a host-order array."""
+    a = array(typecode)
+    a.frombytes(raw)
+    if not _LITTLE and a.itemsize > 1:  # pragma: no cover - big-endian hosts
+        a.byteswap()
+    return a
+
+
+def be_bytes(a: array) -> bytes:
+    """The array's integers as big-endian bytes (the array is not changed)."""
+    if _LITTLE and a.itemsize > 1:
+        b = array(a.typecode, a)
+        b.byteswap()
+        return b.tobytes()
+    return a.tobytes()
+
+
+def le_bytes(a: array) -> bytes:
+    """The array's integers as little-endian bytes (the array is not changed)."""
+    if not _LITTLE and a.itemsize > 1:  # pragma: no cover - big-endian hosts
+        b = array(a.typecode, a)
+        b.byteswap()
+        return b.tobytes()
+    return a.tobytes()
