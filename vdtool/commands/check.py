@@ -53,7 +53,7 @@ def command(file, fmt, repair, output, show_progress, quiet, force_share, parent
     if force_share and repair:
         raise click.UsageError("-U/--force-share can only be used with read-only access (not with --repair)")
     from vdtool.core.errors import NotSupported, VdError
-    from vdtool.core.ops._check import check
+    from vdtool.core.ops import check
 
     try:
         with long_operation("Checking", quiet=quiet, show_progress=show_progress) as progress:

@@ -33,7 +33,7 @@ def command(file, fmt, show_progress, quiet, parent_search, untrusted, force):
     The image is locked as QEMU locks images (OFD locks on its lock
     bytes): an image that a running VM, qemu-img or another vdtool holds
     is refused ("in use"), and QEMU refuses it while this runs."""
-    from vdtool.core.ops._compact import compact
+    from vdtool.core.ops import compact
     from vdtool.core.sizes import format_size
 
     with long_operation("Compacting", quiet=quiet, show_progress=show_progress) as progress:

@@ -69,7 +69,7 @@ def command(src, dst, fmt, out_fmt, variant, block_size, parent, parent_format, 
     if dst is None:
         raise click.UsageError("Missing argument 'DST'.")
     from vdtool.core.ops.common import parse_option_pairs
-    from vdtool.core.ops._convert import convert
+    from vdtool.core.ops import convert
     from vdtool.core.sizes import format_size
 
     opts = parse_option_pairs(options)

@@ -50,7 +50,7 @@ def command(file, size, fmt, variant, block_size, parent, parent_format, options
     if file is None:
         raise click.UsageError("Missing argument 'FILE'.")
     from vdtool.core.ops.common import parse_option_pairs
-    from vdtool.core.ops._create import create
+    from vdtool.core.ops import create
 
     opts = parse_option_pairs(options)
     with long_operation("Creating", quiet=quiet, show_progress=show_progress) as progress:

@@ -38,7 +38,7 @@ def command(file, ranges, fmt, zeroes, show_progress, quiet, parent_search, untr
     is refused ("in use"), and QEMU refuses it while this runs."""
     if not ranges and not zeroes:
         raise click.UsageError("name at least one RANGE (OFFSET:LENGTH) or --zeroes")
-    from vdtool.core.ops._discard import discard
+    from vdtool.core.ops import discard
     from vdtool.core.sizes import format_size
 
     with long_operation("Discarding", quiet=quiet, show_progress=show_progress) as progress:

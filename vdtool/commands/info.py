@@ -41,7 +41,7 @@ def command(file, fmt, chain, output, force_share, parent_search, untrusted, for
     listed under external references; a probed image that references a file
     outside its folder, and an image read as raw whose content looks like
     another format, are reported with a warning on stderr."""
-    from vdtool.core.ops._info import human_lines, info
+    from vdtool.core.ops import human_lines, info
 
     result = info(file, fmt, chain=chain, parent_search=parent_search, force=force, untrusted=untrusted,
                   force_share=force_share)

@@ -44,7 +44,7 @@ def command(image, fmt, into, base, keep, show_progress, quiet, parent_search, u
     The image is locked as QEMU locks images (OFD locks on its lock
     bytes): an image that a running VM, qemu-img or another vdtool holds
     is refused ("in use"), and QEMU refuses it while this runs."""
-    from vdtool.core.ops._merge import merge
+    from vdtool.core.ops import merge
 
     with long_operation("Merging", quiet=quiet, show_progress=show_progress) as progress:
         result = merge(image, into=into, base=base, keep=keep, fmt=fmt, parent_search=parent_search, force=force,

@@ -44,7 +44,7 @@ def command(image, fmt, parent, parent_format, unsafe, show_progress, quiet, par
     The image is locked as QEMU locks images (OFD locks on its lock
     bytes): an image that a running VM, qemu-img or another vdtool holds
     is refused ("in use"), and QEMU refuses it while this runs."""
-    from vdtool.core.ops._rebase import rebase
+    from vdtool.core.ops import rebase
 
     with long_operation("Rebasing", quiet=quiet, show_progress=show_progress) as progress:
         rebase(image, parent or None, parent_format=parent_format, unsafe=unsafe, fmt=fmt,

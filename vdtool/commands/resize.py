@@ -37,7 +37,7 @@ def command(file, size, fmt, shrink, show_progress, quiet, parent_search, untrus
     The image is locked as QEMU locks images (OFD locks on its lock
     bytes): an image that a running VM, qemu-img or another vdtool holds
     is refused ("in use"), and QEMU refuses it while this runs."""
-    from vdtool.core.ops._resize import resize
+    from vdtool.core.ops import resize
     from vdtool.core.sizes import format_size
 
     with long_operation("Resizing", quiet=quiet, show_progress=show_progress) as progress:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import struct
 import uuid as uuidlib
-from typing import Optional
+from typing import Callable, Optional
 
 MAX_ENTRIES_PER_DIR = 4096
 MAX_REGISTRY_BYTES = 16 << 20
@@ -53,16 +53,14 @@ def vdi_uuid(path: str) -> Optional[str]:
     return str(uuidlib.UUID(bytes_le=head[off:off + 16]))
 
 
-def _image_uuid(path: str) -> Optional[str]:
+def _image_uuid(path: str, opener: Callable) -> Optional[str]:
     u = vdi_uuid(path)
     if u is not None:
         return u
     if os.path.splitext(path)[1].lower() not in _UUID_EXTS:
         return None
     try:
-        from vdtool.core.stack import open_backend
-
-        img = open_backend(path)
+        img = opener(path)
     except Exception:  # any unreadable candidate is simply not the parent
         return None
     try:
@@ -132,7 +130,11 @@ def search_folders(child_path: str, search_dirs=()) -> list:
     return folders
 
 
-def find_by_uuid(child_path: str, ref, search_dirs=()) -> Optional[str]:
+def find_by_uuid(child_path: str, ref, search_dirs=(), *, opener: Callable) -> Optional[str]:
+    """The file holding the image whose UUID ``ref.uuid`` names, or None.
+    ``opener(path)`` opens a candidate image (one, no parents) to read its
+    UUID where the header alone does not tell; the stack passes its
+    ``open_backend``."""
     want = _norm(ref.uuid)
     if want is None:
         return None
@@ -143,7 +145,7 @@ def find_by_uuid(child_path: str, ref, search_dirs=()) -> Optional[str]:
     def ok(path: str, trust: bool) -> bool:
         if os.path.abspath(path) == me or not os.path.isfile(path):
             return False
-        got = _image_uuid(path)
+        got = _image_uuid(path, opener)
         return got == want or (trust and got is None)
 
     # VirtualBox names differencing images after their UUID: try that first

@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 import struct
+from typing import NamedTuple, Optional
 
 from vdtool.core.errors import NotImplementedFormat, UsageError, VdError
 
@@ -156,7 +157,18 @@ def _magic_scores(head: bytes, tail: bytes, size: int) -> dict:
     return s
 
 
-def read_probe_data(path: str):
+class ProbeData(NamedTuple):
+    """What probing looks at: the first 64 KiB, the last 4 KiB and the size.
+    Read once per open and handed to the probe and to the ``--untrusted``
+    inspection (the backend reads its header again under its lock: bytes
+    read before the lock may have changed by then)."""
+
+    head: bytes
+    tail: bytes
+    size: int
+
+
+def read_probe_data(path: str) -> ProbeData:
     from vdtool.core.fileio import ImageFile
 
     # a momentary look at the bytes: no lock (the open that follows locks)
@@ -164,14 +176,15 @@ def read_probe_data(path: str):
         size = f.size()
         head = f.pread(0, 65536)
         tail = f.pread(max(0, size - 4096), min(size, 4096)) if size else b""
-    return head, tail, size
+    return ProbeData(head, tail, size)
 
 
-def probe_scores(path: str) -> dict:
+def probe_scores(path: str, data: Optional[ProbeData] = None) -> dict:
     """Scores by content.  Built-in backends are imported only when their
     magic matched (start-up time), then their own probe gives the score;
-    third-party formats probe when no built-in one is sure; raw scores 1."""
-    head, tail, size = read_probe_data(path)
+    third-party formats probe when no built-in one is sure; raw scores 1.
+    ``data``: the file's probe data when the caller has read it already."""
+    head, tail, size = data if data is not None else read_probe_data(path)
     scores = _magic_scores(head, tail, size)
     scores["raw"] = 1
     candidates = [n for n in scores if n in BUILTIN and n != "raw"]
@@ -193,9 +206,9 @@ def probe_scores(path: str) -> dict:
     return {k: v for k, v in scores.items() if v > 0}
 
 
-def probe_format(path: str) -> str:
+def probe_format(path: str, data: Optional[ProbeData] = None) -> str:
     """The best-scoring format; raw (score 1) wins only when nothing else does."""
-    scores = probe_scores(path)
+    scores = probe_scores(path, data)
     if not scores:
         return "raw"
     return max(scores.items(), key=lambda kv: (kv[1], kv[0] != "raw"))[0]

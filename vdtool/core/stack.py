@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from vdtool.core import locate
 from vdtool.core.backend import ImageBackend, ParentRef, Status
 from vdtool.core.errors import ChainError, VdError
 
@@ -197,9 +198,7 @@ def resolve_parent_path(child_path: str, ref: ParentRef, search_dirs=()) -> Opti
         if os.path.exists(c):
             return c
     if not names and ref.uuid:
-        from vdtool.core import locate
-
-        return locate.find_by_uuid(child_path, ref, search_dirs)
+        return locate.find_by_uuid(child_path, ref, search_dirs, opener=open_backend)
     return candidates[0] if candidates else None
 
 
@@ -237,17 +236,19 @@ def open_backend(path: str, fmt: Optional[str] = None, *, writable: bool = False
     if os.path.isdir(path):
         raise VdError("is a directory, not an image file", path)
     findings: list = []
+    # the first and last bytes, read once for the probe and the inspection
+    data = registry.read_probe_data(path) if untrusted or not fmt or fmt == "raw" else None
     if untrusted:
-        name = ut.choose_format(path, fmt)
-        findings, complete = ut.inspect_header(path, name)
+        name = ut.choose_format(path, fmt, data)
+        findings, complete = ut.inspect_header(path, name, data)
         if findings and complete:
             raise ut.UntrustedImage(findings, path)
     else:
-        name = registry.canonical_name(fmt) if fmt else registry.probe_format(path)
+        name = registry.canonical_name(fmt) if fmt else registry.probe_format(path, data)
         if name == "raw":
             # -f raw never interprets headers; say so when the content looks
             # like another format (the format-probing attack, in reverse)
-            w = ut.raw_warning(path, probed=not fmt)
+            w = ut.raw_warning(path, probed=not fmt, data=data)
             if w:
                 ut.notice(w)
                 if warnings is not None:

@@ -89,39 +89,42 @@ _SIGNATURES = (
 )
 
 
-def other_formats(path: str) -> list:
-    """Formats other than raw whose magic the file's content matches."""
+def other_formats(path: str, data=None) -> list:
+    """Formats other than raw whose magic the file's content matches
+    (``data``: its probe data, when already read)."""
     from vdtool.core import registry
 
     try:
-        scores = registry.probe_scores(path)
+        scores = registry.probe_scores(path, data)
     except VdError:
         return []
     return sorted(n for n, s in scores.items() if n != "raw" and s > 0)
 
 
-def first_sector_signatures(path: str) -> list:
-    from vdtool.core.fileio import ImageFile
-
-    try:
-        # ImageFile, not open(): it refuses FIFOs instead of blocking on them
-        with ImageFile(path, lock=False) as f:
-            head = f.pread(0, 512)
-    except VdError:
-        return []
+def first_sector_signatures(head: bytes) -> list:
+    """Names of the formats whose signature stands anywhere in ``head``'s
+    first sector."""
     found = []
     for sig, name in _SIGNATURES:
-        if sig in head and name not in found:
+        if sig in head[:512] and name not in found:
             found.append(name)
     return found
 
 
-def raw_warning(path: str, probed: bool) -> Optional[str]:
+def raw_warning(path: str, probed: bool, data=None) -> Optional[str]:
     """A warning for an image about to be read as raw whose content looks
-    like another format (None when it does not)."""
-    others = other_formats(path)
+    like another format (None when it does not).  ``data``: the file's
+    probe data (vdtool.core.registry.ProbeData), when already read."""
+    from vdtool.core import registry
+
+    if data is None:
+        try:
+            data = registry.read_probe_data(path)
+        except VdError:
+            return None
+    others = other_formats(path, data)
     if not others:
-        others = first_sector_signatures(path)
+        others = first_sector_signatures(data.head)
     if not others:
         return None
     how = "probed as raw" if probed else "read as raw as -f says"
@@ -129,11 +132,11 @@ def raw_warning(path: str, probed: bool) -> Optional[str]:
             f"(the bytes are the disk's content)")
 
 
-def choose_format(path: str, fmt: Optional[str]) -> str:
+def choose_format(path: str, fmt: Optional[str], data=None) -> str:
     """The format to open ``path`` as under --untrusted, or UntrustedImage."""
     from vdtool.core import registry
 
-    scores = registry.probe_scores(path)
+    scores = registry.probe_scores(path, data)
     matched = sorted(n for n, s in scores.items() if n != "raw" and s > 0)
     if fmt:
         name = registry.canonical_name(fmt)
@@ -162,21 +165,22 @@ def _name(data: bytes) -> str:
     return data.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def inspect_header(path: str, name: str) -> tuple:
+def inspect_header(path: str, name: str, data=None) -> tuple:
     """(findings, complete): what the header bytes say before the backend
     opens the image.  ``complete`` means every reference the format can make
-    was looked at here, so the backend need not be opened to find more."""
+    was looked at here, so the backend need not be opened to find more.
+    ``data``: the file's probe data, when already read."""
+    from vdtool.core import registry
     from vdtool.core.fileio import ImageFile
 
     fn = {"qcow2": _qcow2, "vmdk": _vmdk, "vhd": _vhd, "vdi": _vdi}.get(name)
     if fn is None:
         return [], False
     try:
+        if data is None:
+            data = registry.read_probe_data(path)
         with ImageFile(path, lock=False) as f:
-            size = f.size()
-            head = f.pread(0, 65536)
-            tail = f.pread(max(0, size - 512), 512)
-            return fn(f, head, tail, size)
+            return fn(f, data.head, data.tail, data.size)
     except VdError:
         return [], False  # the backend's open will say what is wrong
     except (struct.error, ValueError, IndexError):

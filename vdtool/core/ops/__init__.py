@@ -13,12 +13,12 @@ import importlib
 
 _WHERE = {
     "check": "_check", "compact": "_compact", "convert": "_convert", "ConvertResult": "_convert",
-    "create": "_create", "discard": "_discard", "info": "_info", "merge": "_merge", "rebase": "_rebase",
-    "resize": "_resize",
+    "create": "_create", "discard": "_discard", "human_lines": "_info", "info": "_info", "merge": "_merge",
+    "rebase": "_rebase", "resize": "_resize",
 }
 
-__all__ = ["check", "compact", "convert", "ConvertResult", "create", "discard", "info", "merge", "rebase",
-           "resize"]
+__all__ = ["check", "compact", "convert", "ConvertResult", "create", "discard", "human_lines", "info", "merge",
+           "rebase", "resize"]
 
 
 def __getattr__(name: str):
