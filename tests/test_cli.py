@@ -593,7 +593,7 @@ def _invoke(args):
     (KeyboardInterrupt(), 130, "interrupted"),
 ])
 def test_exceptions_become_one_line(tmp_path, monkeypatch, exc, code, fragment):
-    info_mod = importlib.import_module("vdtool.core.ops._info")
+    info_mod = importlib.import_module("vdtool.core.ops")  # commands import the public names
 
     def boom(*a, **k):
         raise exc
@@ -606,7 +606,7 @@ def test_exceptions_become_one_line(tmp_path, monkeypatch, exc, code, fragment):
 
 
 def test_operation_cancelled_exit_130(tmp_path, monkeypatch):
-    compact_mod = importlib.import_module("vdtool.core.ops._compact")
+    compact_mod = importlib.import_module("vdtool.core.ops")  # commands import the public names
     from vdtool.core.errors import OperationCancelled
 
     def cancelled(*a, **k):
@@ -619,7 +619,7 @@ def test_operation_cancelled_exit_130(tmp_path, monkeypatch):
 
 
 def test_debug_shows_traceback(tmp_path, monkeypatch):
-    info_mod = importlib.import_module("vdtool.core.ops._info")
+    info_mod = importlib.import_module("vdtool.core.ops")  # commands import the public names
 
     def boom(*a, **k):
         raise ValueError("boom")
