@@ -14,6 +14,7 @@ from typing import Optional
 
 from vdtool.core.backend import Cap, Status
 from vdtool.core.digest import ContentDigest
+from vdtool.core.errors import NotSupported
 from vdtool.core.progress import NO_PROGRESS, Progress
 
 CHUNK = 4 << 20
@@ -36,67 +37,135 @@ def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool
     top is the new image).  With ``base`` (a stack: the new image's parent)
     only what differs from it is written.  ``write_zeros`` writes zero blocks
     too (preallocated outputs)."""
-    size = src.virtual_size
     top = dst.top
-    block = max(top.block_size, 512)
-    chunk = _chunk_size(block)
-    zero_view = memoryview(bytes(chunk))  # zeros to compare with, sliced without copying
-    buf = bytearray(chunk)
-    base_buf = bytearray(chunk) if base is not None else None
-    stats = CopyStats()
-    compressor = None
-    pool = None
-    if compress:
-        if not top.capabilities & Cap.COMPRESS:
-            from vdtool.core.errors import NotSupported
+    if compress and not top.capabilities & Cap.COMPRESS:
+        raise NotSupported("compression", top.name, top.path)
+    copier = _Copier(src, top, base, write_zeros, digest, progress)
+    writer = _CompressedWriter(top) if compress else None
+    copier.compressed = writer
+    try:
+        copier.run()
+        if writer is not None:
+            writer.drain()
+    finally:
+        if writer is not None:
+            writer.close()
+    return copier.stats
 
-            raise NotSupported("compression", top.name, top.path)
-        compressor = top.compress_block  # declared in ImageBackend
+
+class _CompressedWriter:
+    """Compresses blocks in a thread pool and writes them in disk order.
+
+    One task per chunk (its data blocks compressed in a loop): a future per
+    64 KiB block cost more in hand-offs than it saved.  At most
+    ``2 * workers + 1`` chunks are in flight: every worker busy, memory
+    bounded."""
+
+    def __init__(self, top):
+        from collections import deque
         from concurrent.futures import ThreadPoolExecutor  # only for -c: costs start-up time
 
         workers = os.cpu_count() or 2
-        pool = ThreadPoolExecutor(max_workers=workers)
-        # One task per chunk (its data blocks compressed in a loop): a
-        # future per 64 KiB block cost more in hand-offs than it saved.
-        window = 2 * workers + 1  # chunks in flight: every worker busy, memory bounded
-    from collections import deque
+        self.top = top
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.window = 2 * workers + 1
+        self.pending: deque = deque()  # (offset, chunk copy, [(i, k)...], future)
 
-    pending: deque = deque()  # (offset, chunk copy, [(i, k)...], future), written in disk order
+    def submit(self, off: int, raw: bytes, batch: list) -> None:
+        """Compress blocks ``batch`` [(start, length)...] of ``raw``, a copy of
+        the chunk at disk offset ``off``."""
+        fut = self.pool.submit(_compress_batch, self.top.compress_block, raw, batch)
+        self.pending.append((off, raw, batch, fut))
+        while len(self.pending) >= self.window:
+            self._write_oldest()
 
-    def write_oldest():
-        off, raw, items, fut = pending.popleft()
+    def _write_oldest(self) -> None:
+        off, raw, items, fut = self.pending.popleft()
         view = memoryview(raw)
         for (i, k), packed in zip(items, fut.result()):
-            top.write_compressed_block(off + i, packed, view[i:i + k])
+            self.top.write_compressed_block(off + i, packed, view[i:i + k])
 
-    def flush_pending():
-        while pending:
-            write_oldest()
+    def drain(self) -> None:
+        while self.pending:
+            self._write_oldest()
 
-    def emit(buf: bytearray, off: int, n: int, has_base: bool) -> None:
-        """Write the blocks of buf[:n] (disk offset ``off``) that need writing:
-        non-zero ones, or with a base the ones that differ from it."""
-        if has_base:
-            emit_over_base(buf, off, n)
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Copier:
+    """One copy: walks ``src``'s extents chunk by chunk and hands each to
+    ``consume``, which hashes it, tests it and writes what must be written."""
+
+    def __init__(self, src, top, base, write_zeros: bool, digest, progress: Progress):
+        self.src, self.top, self.base = src, top, base
+        self.size = src.virtual_size
+        self.block = max(top.block_size, 512)
+        self.chunk = _chunk_size(self.block)
+        self.zero_view = memoryview(bytes(self.chunk))  # zeros to compare with, sliced without copying
+        self.buf = bytearray(self.chunk)
+        self.base_buf = bytearray(self.chunk) if base is not None else None
+        self.write_zeros = write_zeros
+        self.digest = digest
+        self.progress = progress
+        self.stats = CopyStats()
+        self.compressed: Optional[_CompressedWriter] = None
+
+    def run(self) -> None:
+        if self.base is None and self.size > self.chunk:
+            # Reads go ahead in a second thread while this one tests and
+            # writes (preadv and pwrite let go of the GIL, so on two cores
+            # the copy takes the longer of the two, not their sum).  With a
+            # base the writer reads the base too, so that stays serial.
+            _pipelined(self.src, self.size, self.block, self.chunk, self.buf, self.consume)
             return
+        for pos, n, is_data in _extents(self.src, self.size, self.block, self.chunk):
+            if is_data:
+                self.src.readinto(pos, memoryview(self.buf)[:n])
+            self.consume(pos, n, self.buf if is_data else None)
+
+    def consume(self, pos: int, n: int, data) -> None:
+        """The ``n`` bytes at ``pos``: ``data`` (a buffer) or None for a run
+        that reads as zeros."""
+        if data is not None:
+            if self.digest is not None:
+                self.digest.update(memoryview(data)[:n])
+            if self.base is not None:
+                _read_clipped(self.base, pos, memoryview(self.base_buf)[:n])
+                self._emit_over_base(data, pos, n)
+            else:
+                self._emit(data, pos, n)
+            self.stats.data_bytes += n
+        else:
+            if self.digest is not None:
+                self.digest.update_zeros(n)
+            self.stats.zero_bytes += n
+            if self.base is not None:
+                _zero_over_base(self.base, self.top, pos, n, self.base_buf)
+            elif self.write_zeros:
+                self.top.write_zeroes(pos, n, unmap=False)
+        self.progress.update(pos + n, self.size)
+
+    def _emit(self, buf: bytearray, off: int, n: int) -> None:
+        """Write the blocks of buf[:n] (disk offset ``off``) that are not
+        all zeros (all of them for a preallocated output)."""
         view = memoryview(buf)
-        runs = ((0, n),) if write_zeros else _data_runs(buf, n, block, zero_view)
-        if compressor is None:
+        runs = ((0, n),) if self.write_zeros else _data_runs(buf, n, self.block, self.zero_view)
+        if self.compressed is None:
             for a, b in runs:
-                top.write(off + a, view[a:b])
-                stats.written_bytes += b - a
+                self.top.write(off + a, view[a:b])
+                self.stats.written_bytes += b - a
             return
+        block = self.block
         batch = [(i, min(block, b - i)) for a, b in runs for i in range(a, b, block)]
         if batch:
-            stats.written_bytes += sum(k for _, k in batch)
-            raw = bytes(view[:n])  # the buffer goes back to the reader
-            pending.append((off, raw, batch, pool.submit(_compress_batch, compressor, raw, batch)))
-            while len(pending) >= window:
-                write_oldest()
+            self.stats.written_bytes += sum(k for _, k in batch)
+            self.compressed.submit(off, bytes(view[:n]), batch)  # a copy: the buffer goes back to the reader
 
-    def emit_over_base(buf: bytearray, off: int, n: int) -> None:
+    def _emit_over_base(self, buf: bytearray, off: int, n: int) -> None:
         """Block by block: skip what equals the base, record zeros where the
         base has data, write (or compress) the rest."""
+        top, block, base_buf = self.top, self.block, self.base_buf
         run_start = None
         batch = []  # (i, k) of the blocks to compress
         for i in range(0, n, block):
@@ -104,65 +173,27 @@ def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool
             if buf.startswith(base_buf[i:i + k], i):
                 action = "skip"
             else:
-                action = "zero" if buf.startswith(zero_view[:k], i) else "data"
-            if action == "data" and compressor is None:
+                action = "zero" if buf.startswith(self.zero_view[:k], i) else "data"
+            if action == "data" and self.compressed is None:
                 if run_start is None:
                     run_start = i
                 continue
             if run_start is not None:
-                top.write(off + run_start, memoryview(buf)[run_start:i])
-                stats.written_bytes += i - run_start
+                self._write_run(buf, off, run_start, i)
                 run_start = None
             if action == "zero":
                 top.write_zeroes(off + i, k, unmap=True)
             elif action == "data":
                 batch.append((i, k))
-                stats.written_bytes += k
+                self.stats.written_bytes += k
         if batch:
-            raw = bytes(memoryview(buf)[:n])
-            pending.append((off, raw, batch, pool.submit(_compress_batch, compressor, raw, batch)))
-            while len(pending) >= window:
-                write_oldest()
+            self.compressed.submit(off, bytes(memoryview(buf)[:n]), batch)
         if run_start is not None:
-            top.write(off + run_start, memoryview(buf)[run_start:n])
-            stats.written_bytes += n - run_start
+            self._write_run(buf, off, run_start, n)
 
-    def consume(pos: int, n: int, data) -> None:
-        if data is not None:
-            if digest is not None:
-                digest.update(memoryview(data)[:n])
-            if base is not None:
-                _read_clipped(base, pos, memoryview(base_buf)[:n])
-            emit(data, pos, n, base is not None)
-            stats.data_bytes += n
-        else:
-            if digest is not None:
-                digest.update_zeros(n)
-            stats.zero_bytes += n
-            if base is not None:
-                _zero_over_base(base, top, pos, n, base_buf)
-            elif write_zeros:
-                top.write_zeroes(pos, n, unmap=False)
-        progress.update(pos + n, size)
-
-    try:
-        if base is None and size > chunk:
-            # Reads go ahead in a second thread while this one tests and
-            # writes (preadv and pwrite let go of the GIL, so on two cores
-            # the copy takes the longer of the two, not their sum).  With a
-            # base the writer reads the base too, so that stays serial.
-            _pipelined(src, size, block, chunk, buf, consume)
-        else:
-            for pos, n, is_data in _extents(src, size, block, chunk):
-                if is_data:
-                    src.readinto(pos, memoryview(buf)[:n])
-                consume(pos, n, buf if is_data else None)
-        if pool is not None:
-            flush_pending()
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    return stats
+    def _write_run(self, buf: bytearray, off: int, a: int, b: int) -> None:
+        self.top.write(off + a, memoryview(buf)[a:b])
+        self.stats.written_bytes += b - a
 
 
 def _data_runs(buf: bytearray, n: int, block: int, zeros: memoryview) -> list:

@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Optional
 
 from vdtool.core.backend import Cap, ImageBackend, ParentSpec, Status
+from vdtool.core.bytesutil import is_zero
 from vdtool.core.errors import NotSupported, UsageError, VdError
 from vdtool.core.fileio import ImageFile
 from vdtool.core.progress import NO_PROGRESS, Progress
 
-_ZERO_BLOCK = bytes(1 << 16)
+COMPACT_BLOCK = 1 << 16  # compact releases whole blocks of this size that read as zeros
 
 
 class RawBackend(ImageBackend):
@@ -89,11 +90,7 @@ class RawBackend(ImageBackend):
             raise VdError("image is opened read-only", self.path)
         if unmap and self.file.punch_hole(offset, length):
             return
-        pos, end = offset, offset + length
-        while pos < end:
-            n = min(len(_ZERO_BLOCK), end - pos)
-            self.file.pwrite(pos, memoryview(_ZERO_BLOCK)[:n])
-            pos += n
+        self.file.write_zeroes(offset, length)
 
     def discard(self, offset: int, length: int) -> None:
         self.write_zeroes(offset, length, unmap=True)
@@ -107,7 +104,7 @@ class RawBackend(ImageBackend):
 
     def compact(self, progress: Progress = NO_PROGRESS) -> None:
         """Punch holes where whole 64 KiB blocks read as zeros."""
-        bs = len(_ZERO_BLOCK)
+        bs = COMPACT_BLOCK
         buf = bytearray(bs)
         pos = 0
         while pos < self._size:
@@ -119,7 +116,7 @@ class RawBackend(ImageBackend):
                     m = min(bs, self._size - start)
                     view = memoryview(buf)[:m]
                     self.file.readinto(start, view)
-                    if view == _ZERO_BLOCK[:m]:
+                    if is_zero(buf, 0, m):
                         self.file.punch_hole(start, m)
                     start += bs
                 pos = start
