@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 import click
 
 from vdtool import __version__
+from vdtool.core.errors import Terminated
 
 COMMANDS = ("create", "info", "convert", "compact", "resize", "merge", "discard", "check", "rebase")
 
@@ -52,6 +54,27 @@ def _notice(text: str) -> None:
         pass
 
 
+def _raise_terminated(signum, frame):
+    # once is enough: a second signal must not interrupt the cleanup
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _install_stop_signals() -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C (staging folders removed,
+    locks released) instead of killing the process where it stands;
+    long operations first ask to stop at their next safe point (see
+    vdtool.progressbar).  A signal ignored by whoever started vdtool
+    (nohup) stays ignored."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            if signal.getsignal(sig) != signal.SIG_IGN:
+                signal.signal(sig, _raise_terminated)
+        except (ValueError, OSError):  # not the main thread (an embedding program)
+            pass
+
+
 class LazyGroup(click.Group):
     """Loads ``vdtool.commands.<name>`` only when the command is needed,
     and maps every exception a command raises to one error line."""
@@ -70,10 +93,18 @@ class LazyGroup(click.Group):
         from vdtool.core import untrusted
 
         untrusted.set_notice_handler(_notice)
+        _install_stop_signals()
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except Terminated as e:
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            _error(str(e))
+            ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             if debug:
                 import traceback
@@ -121,7 +152,7 @@ Exit status:
   0    success
   1    error (one line on stderr: vdtool: error: MESSAGE)
   2    usage error
-  130  interrupted (Ctrl-C)
+  130  interrupted (Ctrl-C); 143 SIGTERM, 129 SIGHUP (nothing half-written is left)
   check has its own: 2 corruptions, 3 leaks only, 63 no check for the format"""
 
 

@@ -83,43 +83,67 @@ class _Bar:
             pass
 
 
-class _CancelOnCtrlC:
-    """First SIGINT: ask the op to stop at its next progress report.
-    Second: the previous handler (KeyboardInterrupt)."""
+# Signals that stop an operation at its next safe point (a progress report:
+# between writes the op ordered for crash safety).  The second of any of
+# them stops at once (the previous handlers: KeyboardInterrupt for SIGINT,
+# the CLI's Terminated for SIGTERM/SIGHUP).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _CancelOnSignal:
+    """First SIGINT, SIGTERM or SIGHUP: ask the op to stop at its next
+    progress report (``requested`` holds the signal number)."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
-        self._installed = False
+        self.requested = 0
+        self._previous: dict = {}
 
     def _handler(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous)
+        self.requested = signum
+        self._restore()
         try:
-            sys.stderr.write("\nvdtool: stopping at the next safe point (Ctrl-C again to stop at once)\n")
+            again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            sys.stderr.write(f"\nvdtool: stopping at the next safe point ({again} again to stop at once)\n")
             sys.stderr.flush()
         except Exception:
             pass
 
+    def _restore(self) -> None:
+        for signum, previous in self._previous.items():
+            try:
+                signal.signal(signum, previous)
+            except (ValueError, OSError):
+                pass
+        self._previous = {}
+
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            try:
-                self._previous = signal.getsignal(signal.SIGINT)
-                if self._previous is None:
-                    self._previous = signal.default_int_handler
-                signal.signal(signal.SIGINT, self._handler)
-                self._installed = True
-            except (ValueError, OSError):
-                self._installed = False
+            for signum in STOP_SIGNALS:
+                try:
+                    previous = signal.getsignal(signum)
+                    if previous == signal.SIG_IGN:
+                        continue  # ignored by whoever started vdtool (nohup): stays ignored
+                    if previous is None:
+                        previous = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+                    signal.signal(signum, self._handler)
+                    self._previous[signum] = previous
+                except (ValueError, OSError):
+                    pass
         return self
 
     def __exit__(self, *exc):
-        if self._installed:
-            try:
-                signal.signal(signal.SIGINT, self._previous)
-            except (ValueError, OSError):
-                pass
+        self._restore()
         return False
+
+    def cancelled(self):
+        """The error that stops the op for the signal that came."""
+        from vdtool.core.errors import OperationCancelled
+
+        if self.requested == signal.SIGINT:
+            return OperationCancelled("interrupted")
+        err = OperationCancelled(f"terminated by {signal.Signals(self.requested).name}")
+        err.exit_code = 128 + self.requested
+        return err
 
 
 def _stderr_isatty() -> bool:
@@ -131,16 +155,15 @@ def _stderr_isatty() -> bool:
 
 @contextmanager
 def operation(label: str, *, quiet: bool = False, force: bool = False):
-    from vdtool.core.errors import OperationCancelled
     from vdtool.core.progress import Progress
 
     show = not quiet and (force or _stderr_isatty())
     bar = _Bar(label, sys.stderr) if show else None
-    cancel = _CancelOnCtrlC()
+    cancel = _CancelOnSignal()
 
     def callback(percent: float, done: int, total: int) -> None:
         if cancel.requested and percent < 100:
-            raise OperationCancelled("interrupted")
+            raise cancel.cancelled()
         if bar is not None:
             bar.update(percent, done, total)
 

@@ -67,6 +67,19 @@ class OperationCancelled(VdError):
         super().__init__(message, path)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived (a cancelled CI job, ``docker stop``, a
+    closed terminal).  A KeyboardInterrupt, so every cleanup that runs for
+    Ctrl-C runs for it too; the exit status is 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 class UsageError(VdError):
     """Bad arguments that only show up below the CLI (bad size, bad option)."""
 
