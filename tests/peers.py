@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 
@@ -89,3 +90,17 @@ def qemu_to_raw(src, dst, fmt: str | None = None) -> None:
     if fmt:
         args += ["-f", fmt]
     qemu_img(*args, str(src), str(dst))
+
+
+def qemu_raw(path, folder, fmt: str | None = None) -> bytes:
+    """What qemu-img reads from ``path``: converted to raw in a scratch file
+    in ``folder`` (removed again).  Name ``fmt`` where qemu's probing could
+    guess wrong (a fixed VHD looks raw to it)."""
+    fd, out = tempfile.mkstemp(suffix=".qemu.raw", dir=str(folder))
+    os.close(fd)
+    try:
+        qemu_to_raw(path, out, fmt)
+        with open(out, "rb") as f:
+            return f.read()
+    finally:
+        os.unlink(out)

@@ -20,10 +20,11 @@ def vdtool_env(**extra) -> dict:
     return env
 
 
-def run_vdtool(cwd, *args, env=None, expect=None, text: bool = True) -> subprocess.CompletedProcess:
-    """``python -m vdtool ARGS`` in ``cwd``; asserts no traceback and, when
-    ``expect`` is given, the exit status.  ``text=False`` keeps the output
-    as bytes (for tests that look for leaked binary content)."""
+def cli(*args, cwd=None, env=None, expect=None, text: bool = True) -> subprocess.CompletedProcess:
+    """``python -m vdtool ARGS`` (in ``cwd`` when given); asserts no
+    traceback and, when ``expect`` is given, the exit status.  ``text=False``
+    keeps the output as bytes (for tests that look for leaked binary
+    content or compare raw output)."""
     proc = subprocess.run([sys.executable, "-m", "vdtool", *map(str, args)], cwd=cwd, capture_output=True,
                           text=text, env=env or vdtool_env(), timeout=120)
     out, err = proc.stdout, proc.stderr
@@ -34,3 +35,9 @@ def run_vdtool(cwd, *args, env=None, expect=None, text: bool = True) -> subproce
         assert proc.returncode == expect, (f"vdtool {' '.join(map(str, args))} exited {proc.returncode}, "
                                            f"expected {expect}\nstdout: {out}\nstderr: {err}")
     return proc
+
+
+def run_vdtool(cwd, *args, env=None, expect=None, text: bool = True) -> subprocess.CompletedProcess:
+    """:func:`cli` with the folder first, for tests that run every command
+    in their ``tmp_path``."""
+    return cli(*args, cwd=cwd, env=env, expect=expect, text=text)

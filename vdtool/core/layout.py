@@ -78,6 +78,8 @@ class Layout:
         self.defaults: dict = {}
         pos = 0
         for fname, code in fields:
+            if fname is None and not code.endswith("x"):
+                raise ValueError(f"{name}: an unnamed field must be pad bytes ('Nx'), not {code!r}")
             size = struct.calcsize(byte_order + code)
             if fname is not None:
                 if fname in self.offsets:
