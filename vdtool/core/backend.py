@@ -126,6 +126,10 @@ class CheckResult:
     fragmented_clusters: Optional[int] = None
     compressed_clusters: Optional[int] = None
     messages: list = field(default_factory=list)
+    # Why the image's chain cannot be opened (a parent missing, or not the
+    # image the child recorded): a check error, as qemu-img's "Could not
+    # open backing file" is; reported in JSON as "chain-error".
+    chain_error: Optional[str] = None
 
     # Every format reports in the same words: "ERROR: ..." for corruption
     # and check errors, "Repairing: ..." for corruption being repaired,
@@ -172,6 +176,8 @@ class CheckResult:
             if val is not None and (val or key in ("corruptions", "leaks") or key.endswith("clusters")
                                     or key == "image-end-offset"):
                 d[key] = val
+        if self.chain_error:
+            d["chain-error"] = self.chain_error
         return d
 
     @property

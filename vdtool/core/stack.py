@@ -310,7 +310,9 @@ def open_image(path: str, fmt: Optional[str] = None, *, writable: bool = False, 
             if ppath is None or not os.path.exists(ppath):
                 if ref.filename:
                     reason = (f"parent {ref.filename!r} not found"
-                              + (f" (looked for {ppath})" if ppath else ""))
+                              + (f" (looked for {ppath})" if ppath else "")
+                              + "; if it moved, name it with --parent-search DIR or record the new place with "
+                                "'vdtool rebase -u -b NEWPATH IMAGE'")
                 else:
                     reason = (f"parent with UUID {ref.uuid} not found (looked in the image's folder, the one "
                               f"above it, --parent-search folders and VirtualBox registries there)")

@@ -27,12 +27,23 @@ def check(path: str, fmt: Optional[str] = None, *, repair: Optional[str] = None,
     finally:
         img.close()
     if parent is not None:
-        # the chain must be reachable and consistent too
-        try:
-            open_image(path, fmt, parent_search=parent_search, force=force, force_share=force_share).close()
-        except ChainError as e:
-            result.messages.append(f"warning: {e}")
-        except VdError as e:
-            result.messages.append(f"warning: parent cannot be opened: {e}")
+        _check_chain(result, path, fmt, parent_search, force, force_share)
     progress.finish()
     return result
+
+
+def _check_chain(result: CheckResult, path: str, fmt: Optional[str], parent_search, force: bool,
+                 force_share: bool) -> None:
+    """The chain must open too: a parent that is gone, or is not the image
+    the child recorded (VDI UUID, VMDK CID, VHD UUID and time stamp), is a
+    check error (exit status 1), as qemu-img check fails on a backing file
+    it cannot open.  ``--force`` accepts an identity mismatch, as it does
+    for every other command."""
+    try:
+        open_image(path, fmt, parent_search=parent_search, force=force, force_share=force_share).close()
+    except ChainError as e:
+        result.chain_error = str(e)
+        result.error(f"could not open the image's chain: {e}")
+    except VdError as e:
+        result.chain_error = f"parent cannot be opened: {e}"
+        result.error(f"could not open the image's chain: parent cannot be opened: {e}")
