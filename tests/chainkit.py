@@ -1,11 +1,13 @@
 """Helpers for tests over every format and mixed chains: make images and
-chains through vdtool's own API, read what they show, check them."""
+chains through vdtool's own API, list a chain, check them (what they read:
+``helpers.read_all``)."""
 
 from __future__ import annotations
 
 import os
 import random
 
+from helpers import read_all
 from vdtool.core import ops
 from vdtool.core.backend import Cap
 from vdtool.core.stack import open_backend, open_image
@@ -85,11 +87,6 @@ def make_chain(folder, formats, size: int = 4 * M, seed: int = 0, prefix: str = 
     return paths
 
 
-def content(path: str, fmt=None) -> bytes:
-    with open_image(path, fmt) as s:
-        return s.read(0, s.virtual_size)
-
-
 def chain_paths(path: str) -> list:
     with open_image(path) as s:
         return [layer.path for layer in s.layers]
@@ -113,7 +110,7 @@ def assert_checks_clean(path: str, *, repair_leaks: bool = True) -> None:
     """No corruption in the image or any image of its chain; leaks are
     allowed and ``check -r leaks`` must clear them without changing what the
     image reads."""
-    before = content(path)
+    before = read_all(path)
     for p in chain_paths(path):
         res = check_one(p)
         if res is None:
@@ -125,4 +122,4 @@ def assert_checks_clean(path: str, *, repair_leaks: bool = True) -> None:
             res2 = check_one(p)
             assert res2 == (0, 0, 0), f"{p}: check -r leaks left {res2}"
     if repair_leaks:
-        assert content(path) == before, f"{path}: check -r leaks changed the content"
+        assert read_all(path) == before, f"{path}: check -r leaks changed the content"

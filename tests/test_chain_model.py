@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import chainkit as ck
 from chainkit import K, M
+from helpers import read_all
 from vdtool.core import ops
 from vdtool.core.stack import open_image
 
@@ -38,7 +39,7 @@ class ChainMachine(RuleBasedStateMachine):
         for fmt in self.formats:
             prev = self._new(fmt, prev, ck.pattern_writes(seed + len(self.paths), SIZE, n=3))
             self.paths.append(prev)
-        self.model = bytearray(ck.content(self.paths[-1]))
+        self.model = bytearray(read_all(self.paths[-1]))
 
     def _new(self, fmt, parent, writes=()):
         self.n += 1
@@ -114,7 +115,7 @@ class ChainMachine(RuleBasedStateMachine):
     @precondition(lambda self: len(self.paths) >= 2)
     @rule()
     def merge_into_parent(self):
-        base_before = ck.content(self.paths[-2])
+        base_before = read_all(self.paths[-2])
         ops.merge(self.top)
         self.paths.pop()
         self.formats.pop()
@@ -151,7 +152,7 @@ class ChainMachine(RuleBasedStateMachine):
     def reads_as_model(self):
         if not getattr(self, "paths", None):
             return
-        got = ck.content(self.top)
+        got = read_all(self.top)
         assert len(got) == len(self.model), f"size {len(got)} != model {len(self.model)} ({self.formats})"
         if got != bytes(self.model):
             i = next(i for i in range(len(got)) if got[i] != self.model[i])

@@ -68,7 +68,7 @@ def test_reader_error_reaches_the_writer_and_the_thread_ends(tmp_path, monkeypat
 def test_writer_error_stops_the_reader(tmp_path, monkeypatch):
     src = _workload(tmp_path / "src.raw")
     dst = str(tmp_path / "out.qcow2")
-    from vdtool.formats.qcow2 import Qcow2Backend
+    from vdtool.formats.qcow2.backend import Qcow2Backend
 
     real = Qcow2Backend.write
     seen = {"n": 0}

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import peers
+from vdrun import vdtool_env
 from vdtool.core import registry
 from vdtool.core.backend import Cap, ImageBackend
 from vdtool.core.errors import ChainError, NotImplementedFormat, UsageError, VdError
@@ -196,8 +197,8 @@ def test_no_plugins_means_no_importlib_metadata():
     distribution declares a vdtool.formats entry point."""
     code = ("import sys; from vdtool.core import registry as r; r._plugin_specs(); "
             "print(r._plugins_declared(), 'importlib.metadata' in sys.modules)")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=vdtool_env(),
+                         check=True).stdout
     declared, loaded = out.split()
     assert loaded == declared
 

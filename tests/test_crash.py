@@ -27,6 +27,7 @@ import pytest
 import chainkit as ck
 import crashsim
 from chainkit import M
+from helpers import read_all
 
 QUICK_KILL = 4  # kill-model points per scenario
 QUICK_POWER = 2  # power-loss points per scenario
@@ -193,7 +194,7 @@ def _params():
 
 def _read(path):
     try:
-        return ck.content(path)
+        return read_all(path)
     except Exception as e:  # noqa: BLE001 -- reported as the verdict
         return e
 
@@ -408,7 +409,7 @@ def test_convert_multi_file_vmdk_appears_whole(tmp_path):
     dst = str(tmp_path / "out.vmdk")
     args = ["convert", "-q", "-O", "vmdk", "--variant", "twoGbMaxExtentSparse", src, dst]
     count = crashsim.run_forked(args, workdir=str(tmp_path)).count
-    want = ck.content(dst)
+    want = read_all(dst)
     for name in os.listdir(tmp_path):
         if name.startswith("out"):
             os.unlink(tmp_path / name)
@@ -416,7 +417,7 @@ def test_convert_multi_file_vmdk_appears_whole(tmp_path):
         res = crashsim.run_forked(args, at=at, workdir=str(tmp_path))
         assert res.killed, res
         if os.path.exists(dst):
-            assert ck.content(dst) == want, f"kill at {at}"
+            assert read_all(dst) == want, f"kill at {at}"
         for name in os.listdir(tmp_path):
             if name.startswith("out"):
                 os.unlink(tmp_path / name)
@@ -437,7 +438,7 @@ def test_sigint_during_convert_exits_130_and_leaves_nothing(tmp_path):
         for i in range(0, 256 * M, 4 * M):  # 64 data runs, holes between
             f.seek(i + rng.randrange(0, 2 * M))
             f.write(rng.randbytes(256 * ck.K))
-    before = ck.content(src)
+    before = read_all(src)
     dst = str(tmp_path / "big.qcow2")
     args = ["convert", "-p", src, dst]
     total = crashsim.run_subprocess(args + ["--force"], workdir=str(tmp_path)).count
@@ -448,7 +449,7 @@ def test_sigint_during_convert_exits_130_and_leaves_nothing(tmp_path):
     assert lines and "interrupted" in lines[-1] and "Traceback" not in res.output, res.output
     assert not os.path.exists(dst)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".vdtool-")]
-    assert ck.content(src) == before
+    assert read_all(src) == before
 
 
 @pytest.mark.parametrize("fmt", ck.DIFF_FORMATS)
@@ -462,7 +463,7 @@ def test_zeros_over_new_parent_data_stay_zeros(tmp_path, fmt, op):
     if op == "rebase":
         top = ck.make_image(tmp_path, "t", fmt, S, parent=base)
         other = ck.make_image(tmp_path, "o", "raw", S, writes=[(1027584, b"\2" * 70000)])
-        before = ck.content(top)
+        before = read_all(top)
         from vdtool.core import ops
         ops.rebase(top, other)
     else:
@@ -470,7 +471,7 @@ def test_zeros_over_new_parent_data_stay_zeros(tmp_path, fmt, op):
         mid = ck.make_image(tmp_path, "m", fmt, S, parent=gp)
         ck.write(mid, [(900 * ck.K, bytes(300 * ck.K))])  # zeros over the grandparent's data
         top = ck.make_image(tmp_path, "t", fmt, S, parent=mid)
-        before = ck.content(top)
+        before = read_all(top)
         from vdtool.core import ops
         ops.merge(top, into="child", base=mid)
-    assert ck.content(top) == before
+    assert read_all(top) == before

@@ -21,19 +21,15 @@ memory-limited worker to be of use, and atheris is not installed here."""
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import struct
-import subprocess
-import sys
 
 import pytest
 
 import peers
 import test_hostile as th
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from vdrun import run_vdtool
 
 SEEDS_VD = [  # (name, format, variant, extra create args), made by vdtool
     ("vd-qcow2", "qcow2", None, ["-o", "cluster_size=4096"]),
@@ -62,14 +58,6 @@ EXT = {"qcow2": ".qcow2", "vdi": ".vdi", "vhd": ".vhd", "vpc": ".vhd", "vmdk": "
 SIZE = "2M"
 
 
-def _vd(cwd, *args):
-    env = dict(os.environ, PYTHONPATH=REPO)
-    env.pop("VDTOOL_UNTRUSTED", None)
-    proc = subprocess.run([sys.executable, "-m", "vdtool", *map(str, args)], cwd=cwd, capture_output=True,
-                          env=env, timeout=120)
-    assert proc.returncode == 0, (args, proc.stderr)
-
-
 def make_seeds(root) -> list:
     """[(name, format, folder, main file)] of valid images, each in its own folder."""
     seeds = []
@@ -80,14 +68,14 @@ def make_seeds(root) -> list:
         d.mkdir()
         main = d / ("img" + EXT[fmt])
         args = ["convert", "-q", "-f", "raw", "-O", fmt] + (["--variant", variant] if variant else []) + extra
-        _vd(d, *args, pattern, main)
+        run_vdtool(d, *args, pattern, main, expect=0)
         seeds.append((name, fmt, d, main))
     # differencing images (vdtool): the child is fuzzed, the parent stays valid
     for fmt in ("qcow2", "vdi", "vhd", "vmdk"):
         d = root / f"vd-{fmt}-diff"
         d.mkdir()
-        _vd(d, "convert", "-q", "-f", "raw", "-O", fmt, pattern, "base" + EXT[fmt])
-        _vd(d, "create", "-q", "-b", "base" + EXT[fmt], "img" + EXT[fmt])
+        run_vdtool(d, "convert", "-q", "-f", "raw", "-O", fmt, pattern, "base" + EXT[fmt], expect=0)
+        run_vdtool(d, "create", "-q", "-b", "base" + EXT[fmt], "img" + EXT[fmt], expect=0)
         seeds.append((f"vd-{fmt}-diff", fmt, d, d / ("img" + EXT[fmt])))
     for name, qfmt, opts in SEEDS_QEMU:
         d = root / name

@@ -11,11 +11,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from vdrun import run_vdtool, vdtool_env
+from vdrun import REPO, run_vdtool, vdtool_env
 
 import peers
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 _env = vdtool_env

@@ -10,9 +10,8 @@ import sys
 
 import pytest
 
-from vdrun import vdtool_env
+from vdrun import REPO, vdtool_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAN = os.path.join(REPO, "man")
 COMMANDS = ["create", "info", "convert", "compact", "resize", "merge", "discard", "check", "rebase"]
 

@@ -15,34 +15,10 @@ import pytest
 import chainkit as ck
 import peers
 from chainkit import K, M
+from helpers import Recorder, read_all
 from vdtool.core import ops
 from vdtool.core.digest import ContentDigest
 from vdtool.core.errors import NotSupported, OperationCancelled
-from vdtool.core.progress import Progress
-
-
-class Recorder:
-    def __init__(self, cancel_after=None):
-        self.values = []
-        self.cancel_after = cancel_after
-
-    def __call__(self, pct, done, total):
-        self.values.append(pct)
-        if self.cancel_after is not None and len(self.values) > self.cancel_after and pct < 100:
-            raise OperationCancelled()
-
-    def progress(self):
-        return Progress(self)
-
-    def assert_good(self, success=True):
-        v = self.values
-        assert all(0 <= x <= 100 for x in v), v
-        assert all(a <= b for a, b in zip(v, v[1:])), f"progress went backwards: {v}"
-        assert all(x <= 99.9 for x in v[:-1]), f"100 before the end: {v}"
-        if success:
-            assert v and v[-1] == 100 and v.count(100) == 1, v
-        else:
-            assert 100 not in v, v
 
 
 def digest(data: bytes) -> str:
@@ -52,7 +28,7 @@ def digest(data: bytes) -> str:
 
 
 def assert_content(path, want: bytes, what=""):
-    got = ck.content(path)
+    got = read_all(path)
     assert len(got) == len(want), f"{what}: size {len(got)}, want {len(want)}"
     assert digest(got) == digest(want), f"{what}: content digest differs"
 
@@ -101,7 +77,7 @@ def _make_single(tmp_path, fmt, variant):
 @pytest.mark.parametrize("fmt,variant", VARIANTS, ids=[f"{f}-{v}" for f, v in VARIANTS])
 def test_single(tmp_path, fmt, variant, op):
     p = _make_single(tmp_path, fmt, variant)
-    old = ck.content(p)
+    old = read_all(p)
     rec = Recorder()
     prog = rec.progress()
     judged = p
@@ -145,7 +121,7 @@ def test_single(tmp_path, fmt, variant, op):
         assert "\n" not in msg and "not supported" in msg, msg
         assert _expected_unsupported(fmt, variant, op), f"unexpected refusal: {msg}"
         assert "(" in msg, f"refusal without a reason: {msg}"
-        assert ck.content(p) == old, "a refused op changed the image"
+        assert read_all(p) == old, "a refused op changed the image"
         rec.assert_good(success=False)
         return
     assert not _expected_unsupported(fmt, variant, op), f"{fmt} {variant} {op} should have been refused"
@@ -184,7 +160,7 @@ CHAIN_CASES = [pytest.param(chain, op, id=f"{'-'.join(chain)}-{op}") for chain i
 def test_chain(tmp_path, chain, op):
     paths = ck.make_chain(tmp_path, chain, seed=len(chain) + 5)
     top, base = paths[-1], paths[0]
-    old = ck.content(top)
+    old = read_all(top)
     rec = Recorder()
     prog = rec.progress()
     judged, judged_chain = top, list(chain)
@@ -284,7 +260,7 @@ CANCEL_CASES = [pytest.param(chain, op, id=f"{'-'.join(chain)}-{op}") for chain 
 def test_cancel(tmp_path, chain, op):
     paths = ck.make_chain(tmp_path, chain, seed=9)
     top = paths[-1]
-    old = ck.content(top)
+    old = read_all(top)
     for after in (0, 2):
         rec = Recorder(cancel_after=after)
         prog = rec.progress()
@@ -308,7 +284,7 @@ def test_cancel(tmp_path, chain, op):
             rec.assert_good(success=False)
         else:
             rec.assert_good(success=True)
-        got = ck.content(top)
+        got = read_all(top)
         if op == "discard":
             assert len(got) == len(old)
             for i in range(0, len(old), 512):
@@ -319,7 +295,7 @@ def test_cancel(tmp_path, chain, op):
             assert got == old
         ck.assert_checks_clean(top)
         if op == "convert":
-            assert not os.path.exists(dst) or ck.content(dst) == old
+            assert not os.path.exists(dst) or read_all(dst) == old
             assert not [n for n in os.listdir(tmp_path) if n.startswith(".vdtool-")]
 
 

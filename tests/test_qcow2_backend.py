@@ -9,19 +9,21 @@ import json
 import os
 import random
 import shutil
-import struct
 import time
 import zlib
+from functools import partial
 
 import pytest
 
 import peers
+from helpers import peek, poke
 from vdtool.core.backend import ParentSpec, Status
 from vdtool.core.errors import (CorruptImageError, FormatError, ReadOnlyError, UnsupportedFeature, UsageError,
                                 VdError)
 from vdtool.core.stack import open_image
-from vdtool.formats import qcow2 as q2
-from vdtool.formats.qcow2 import Qcow2Backend, compress_cluster
+from vdtool.formats.qcow2 import layout as q2
+from vdtool.formats.qcow2.backend import Qcow2Backend
+from vdtool.formats.qcow2.cluster import compress_cluster
 
 K, M, G, T = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
@@ -44,16 +46,7 @@ def qcreate(path, size, opts="", backing=None, fmt="qcow2"):
     return path
 
 
-def qio(path, *cmds):
-    peers.qemu_io(path, *cmds, fmt="qcow2")
-
-
-def qemu_raw(path, tmp_path) -> bytes:
-    out = tmp_path / (os.path.basename(str(path)) + ".raw")
-    peers.qemu_to_raw(path, out)
-    data = out.read_bytes()
-    out.unlink()
-    return data
+qio = partial(peers.qemu_io, fmt="qcow2")
 
 
 def vd_read_all(path) -> bytes:
@@ -77,24 +70,6 @@ def check_clean(path):
 def pattern(seed: int, n: int) -> bytes:
     r = random.Random(seed)
     return (bytes(r.randrange(256) for _ in range(min(n, 4096))) * (n // 4096 + 1))[:n]
-
-
-def poke(path, off, fmt, value):
-    with open(path, "r+b") as f:
-        f.seek(off)
-        f.write(struct.pack(fmt, value))
-
-
-def pokes(path, off, fmt, *values):
-    with open(path, "r+b") as f:
-        f.seek(off)
-        f.write(struct.pack(fmt, *values))
-
-
-def peek(path, off, fmt):
-    with open(path, "rb") as f:
-        f.seek(off)
-        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
 
 
 # -- probe --------------------------------------------------------------------------------
@@ -123,7 +98,7 @@ IO_SCRIPT = ["write -P 0x11 0 300k", "write -P 0x22 1M 5k", "write -P 0x33 3000k
 def test_read_matches_qemu(tmp_path, opts):
     p = qcreate(tmp_path / "a.qcow2", "8M", opts)
     qio(p, *IO_SCRIPT)
-    assert vd_read_all(p) == qemu_raw(p, tmp_path)
+    assert vd_read_all(p) == peers.qemu_raw(p, tmp_path)
 
 
 def test_read_compressed(tmp_path):
@@ -149,7 +124,7 @@ def test_read_backing_chain(tmp_path):
     top = qcreate(tmp_path / "top.qcow2", None, "extended_l2=on", backing="mid.qcow2")
     qio(top, "write -P 0x63 70k 3k", "write -z 1100k 4k", "write -P 0x64 3M 64k")
     for p in (mid, top):
-        assert vd_read_all(p) == qemu_raw(p, tmp_path)
+        assert vd_read_all(p) == peers.qemu_raw(p, tmp_path)
     with Qcow2Backend.open(str(top)) as b:
         assert b.parent.filename == "mid.qcow2" and b.parent.format == "qcow2"
         assert b.external_references() == ["mid.qcow2"]
@@ -162,7 +137,7 @@ def test_read_internal_snapshots(tmp_path):
     qio(p, "write -P 0x22 1M 2M")
     peers.qemu_img("snapshot", "-c", "second", p)
     qio(p, "write -z 0 64k")
-    assert vd_read_all(p) == qemu_raw(p, tmp_path)
+    assert vd_read_all(p) == peers.qemu_raw(p, tmp_path)
     with Qcow2Backend.open(str(p)) as b:
         mine = b.info()["snapshots"]
     theirs = peers.qemu_info(p)["snapshots"]
@@ -315,7 +290,7 @@ def test_write_model_and_qemu_judge(tmp_path, opts, size, backing):
     assert s.read(0, size) == bytes(model)
     s.close()
     check_clean(p)
-    assert qemu_raw(p, tmp_path) == bytes(model)
+    assert peers.qemu_raw(p, tmp_path) == bytes(model)
     with Qcow2Backend.open(p) as b:
         r = b.check()
     assert (r.corruptions, r.leaks, r.check_errors) == (0, 0, 0), r.messages
@@ -325,12 +300,12 @@ def test_write_into_qemu_images(tmp_path):
     for opts in ("compat=0.10", "preallocation=metadata", "extended_l2=on", "cluster_size=4k,lazy_refcounts=on"):
         p = qcreate(tmp_path / "a.qcow2", "8M", opts)
         qio(p, *IO_SCRIPT)
-        model = bytearray(qemu_raw(p, tmp_path))
+        model = bytearray(peers.qemu_raw(p, tmp_path))
         s = open_image(str(p), writable=True)
         s = _random_ops(s, model, 8 * M, s.top.block_size, seed=7, nops=40)
         s.close()
         check_clean(p)
-        assert qemu_raw(p, tmp_path) == bytes(model)
+        assert peers.qemu_raw(p, tmp_path) == bytes(model)
 
 
 def test_convert_style_write_is_qemu_identical_and_one_pwrite(tmp_path):
@@ -373,7 +348,7 @@ def test_zero_and_discard_semantics(tmp_path):
             s.write_zeroes(512 * K + 100, 1000)  # partial: zeros written into the cluster
         assert status(p, 0) == after_zero, (compat, backing)
         assert status(p, M) == after_discard, (compat, backing)
-        raw = qemu_raw(p, tmp_path)
+        raw = peers.qemu_raw(p, tmp_path)
         assert raw[:256 * K] == bytes(256 * K) and raw[M:M + 256 * K] == bytes(256 * K)
         assert raw[512 * K + 100:512 * K + 1100] == bytes(1000) and raw[512 * K:512 * K + 100] == b"\x01" * 100
         check_clean(p)
@@ -384,7 +359,7 @@ def test_zero_and_discard_semantics(tmp_path):
         s.write(0, b"\x02" * M)
         s.write_zeroes(0, M, unmap=False)
     assert peers.qemu_check(p)["allocated-clusters"] == 16
-    assert qemu_raw(p, tmp_path) == bytes(M)
+    assert peers.qemu_raw(p, tmp_path) == bytes(M)
     check_clean(p)
 
 
@@ -404,7 +379,7 @@ def test_write_compressed_and_precompressed(tmp_path):
         b.write_compressed(100, bytes(64 * K))
     b.close()
     check_clean(p)
-    assert qemu_raw(p, tmp_path) == bytes(data)
+    assert peers.qemu_raw(p, tmp_path) == bytes(data)
     qc = peers.qemu_check(p)
     assert qc["compressed-clusters"] == 32
     with Qcow2Backend.open(p) as b:
@@ -416,7 +391,7 @@ def test_write_compressed_and_precompressed(tmp_path):
         s.discard(64 * K * 5, 64 * K)
         data[64 * K * 5:64 * K * 6] = bytes(64 * K)
     check_clean(p)
-    assert qemu_raw(p, tmp_path) == bytes(data)
+    assert peers.qemu_raw(p, tmp_path) == bytes(data)
 
 
 def test_write_with_internal_snapshots_keeps_them(tmp_path):
@@ -424,7 +399,7 @@ def test_write_with_internal_snapshots_keeps_them(tmp_path):
     qio(p, "write -P 0x11 0 3M", "write -c -P 0x12 4M 64k")
     peers.qemu_img("snapshot", "-c", "one", p)
     peers.qemu_img("convert", "-l", "snapshot.name=one", "-O", "raw", p, tmp_path / "before.raw")
-    model = bytearray(qemu_raw(p, tmp_path))
+    model = bytearray(peers.qemu_raw(p, tmp_path))
     with open_image(str(p), writable=True) as s:
         for off, n, v in ((100, 5000, 0x77), (2 * M, 2 * M, 0x78), (4 * M + 7, 10, 0x79)):
             s.write(off, bytes([v]) * n)
@@ -436,7 +411,7 @@ def test_write_with_internal_snapshots_keeps_them(tmp_path):
     check_clean(p)
     peers.qemu_img("convert", "-l", "snapshot.name=one", "-O", "raw", p, tmp_path / "after.raw")
     assert (tmp_path / "before.raw").read_bytes() == (tmp_path / "after.raw").read_bytes()
-    assert qemu_raw(p, tmp_path) == bytes(model)
+    assert peers.qemu_raw(p, tmp_path) == bytes(model)
     with pytest.raises(VdError):
         with Qcow2Backend.open(str(p), writable=True) as b:
             b.resize(M)
@@ -448,12 +423,12 @@ def test_reftable_grows(tmp_path):
     blob = pattern(5, M)[:M]
     for i in range(12):
         b.write(i * M, blob)
-    rt0 = b._rt_offset
+    rt0 = b.st.rt_offset
     b.close()
     with Qcow2Backend.open(p) as b:
-        assert b._rt_offset != rt0 or b._rt_clusters > 1
+        assert b.st.rt_offset != rt0 or b.st.rt_clusters > 1
     check_clean(p)
-    assert qemu_raw(p, tmp_path)[:12 * M] == blob * 12
+    assert peers.qemu_raw(p, tmp_path)[:12 * M] == blob * 12
 
 
 def test_lazy_refcounts_dirty_bit(tmp_path):
@@ -476,7 +451,7 @@ def test_lazy_refcounts_dirty_bit(tmp_path):
     with open_image(str(qp), writable=True) as s:
         s.write(8 * M, b"\x33" * 65536)
     check_clean(qp)
-    raw = qemu_raw(qp, tmp_path)
+    raw = peers.qemu_raw(qp, tmp_path)
     assert raw[:M] == b"\x11" * M and raw[5 * M:5 * M + 65536] == b"\x22" * 65536
 
 
@@ -514,7 +489,7 @@ def test_resize(tmp_path, opts):
         b.resize(300 * M)  # the L1 table must move for 512-byte clusters
         b.write(299 * M, b"\x42" * M)
     check_clean(p)
-    raw = qemu_raw(p, tmp_path)
+    raw = peers.qemu_raw(p, tmp_path)
     keep = 5 * M + 1024
     assert raw[:keep] == b"\x11" * keep and raw[keep:299 * M] == bytes(299 * M - keep)
     assert raw[299 * M:] == b"\x42" * M
@@ -523,7 +498,7 @@ def test_resize(tmp_path, opts):
         b.resize(2 * M)
     check_clean(p)
     assert os.path.getsize(p) <= before and (opts == "cluster_size=512" or os.path.getsize(p) < 3 * M)
-    assert qemu_raw(p, tmp_path) == b"\x11" * (2 * M)
+    assert peers.qemu_raw(p, tmp_path) == b"\x11" * (2 * M)
 
 
 def test_set_parent(tmp_path):
@@ -545,11 +520,11 @@ def test_set_parent(tmp_path):
         with pytest.raises(VdError):
             b.set_parent(ParentSpec(path="", recorded_name="x" * 1024, format="qcow2", size=4 * M))
     check_clean(ch)
-    raw = qemu_raw(ch, tmp_path)
+    raw = peers.qemu_raw(ch, tmp_path)
     assert raw[:M] == b"\x31" * M and raw[M:2 * M] == b"\x32" * M
     # header extensions survive the rewrite
     with Qcow2Backend.open(str(ch)) as b:
-        assert any(t == q2.EXT_FEATURE_TABLE for t, _ in b._exts)
+        assert any(t == q2.EXT_FEATURE_TABLE for t, _ in b.st.exts)
 
 
 # -- check and repair --------------------------------------------------------------------------
@@ -689,11 +664,11 @@ HOSTILE = {
     "snapshot_extra_huge": lambda p: (poke(p, 60, ">I", 1), poke(p, 64, ">Q", 0x50000),
                                       poke(p, 0x50000 + 36, ">I", 0x100000)),
     "snapshot_l1_past_eof": lambda p: (poke(p, 60, ">I", 1), poke(p, 64, ">Q", 0x50000),
-                                       pokes(p, 0x50000, ">QIHHIIQII", 1 << 40, 5, 0, 0, 0, 0, 0, 0, 0)),
+                                       poke(p, 0x50000, ">QIHHIIQII", 1 << 40, 5, 0, 0, 0, 0, 0, 0, 0)),
     "snapshot_l1_misaligned": lambda p: (poke(p, 60, ">I", 1), poke(p, 64, ">Q", 0x50000),
-                                         pokes(p, 0x50000, ">QIHHIIQII", 0x30100, 1, 0, 0, 0, 0, 0, 0, 0)),
+                                         poke(p, 0x50000, ">QIHHIIQII", 0x30100, 1, 0, 0, 0, 0, 0, 0, 0)),
     "snapshot_name_past_eof": lambda p: (poke(p, 60, ">I", 1), poke(p, 64, ">Q", 0x70000),
-                                         pokes(p, 0x70000, ">QIHHIIQII", 0x30000, 1, 0xFFFF, 0xFFFF, 0, 0, 0, 0,
+                                         poke(p, 0x70000, ">QIHHIIQII", 0x30000, 1, 0xFFFF, 0xFFFF, 0, 0, 0, 0,
                                                0)),
     "unknown_incompatible_bit": lambda p: poke(p, 72, ">Q", 1 << 5),
     "refcount_order_7": lambda p: poke(p, 96, ">I", 7),
@@ -748,9 +723,7 @@ def test_hostile_header(tmp_path, name):
 def test_unknown_feature_named_from_table(tmp_path):
     p = _base(tmp_path)
     # rename the feature table's first entry to an incompatible bit 9 called "future thing"
-    with open(p, "r+b") as f:
-        f.seek(0x78)
-        f.write(struct.pack(">BB46s", 0, 9, b"future thing"))
+    poke(p, 0x78, ">BB46s", 0, 9, b"future thing")
     poke(p, 72, ">Q", 1 << 9)
     with pytest.raises(UnsupportedFeature, match="bit 9.*future thing"):
         Qcow2Backend.open(p)
@@ -895,7 +868,7 @@ def test_crash_at_every_write_leaves_consistent_image(tmp_path, opts):
     p = qcreate(tmp_path / "c.qcow2", "4M", opts)
     qio(p, "write -P 0x11 0 256k", "write -c -P 0x12 1M 64k", "write -P 0x13 2M 64k")
     start = open(p, "rb").read()
-    states = [qemu_raw(p, tmp_path)]
+    states = [peers.qemu_raw(p, tmp_path)]
     b = Qcow2Backend.open(str(p), writable=True)
     log = _record_io(b)
     model = bytearray(states[0])
@@ -919,7 +892,7 @@ def test_crash_at_every_write_leaves_consistent_image(tmp_path, opts):
             model[op[1]:op[1] + op[2]] = bytes(op[2])
         states.append(bytes(model))
     b.close()
-    assert qemu_raw(p, tmp_path) == states[-1]
+    assert peers.qemu_raw(p, tmp_path) == states[-1]
     crash = tmp_path / "crash.qcow2"
     step = max(1, len(log) // 60)
     for n in sorted(set(range(0, len(log) + 1, step)) | {len(log)}):

@@ -16,8 +16,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import peers
-from vdtool.formats import _qcow2_check as chk
-from vdtool.formats.qcow2 import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Qcow2Backend
+from vdtool.formats.qcow2 import check as chk
+from vdtool.formats.qcow2.backend import Qcow2Backend
+from vdtool.formats.qcow2.layout import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO
 
 K, M = 1 << 10, 1 << 20
 
@@ -53,13 +54,13 @@ def tables(draw):
 def test_runs_partition_the_table_and_each_run_steps_by_one_cluster(case):
     tbl, cs = case
     pos = 0
-    for i, run, e in chk._l2_runs(tbl, cs):
+    for i, run, e in chk.l2_runs(tbl, cs):
         assert i == pos and run >= 1 and e == tbl[i]
         if run > 1:
             if e == 0:
                 assert not any(tbl[i:i + run])
             else:
-                assert not e & chk._NOT_PLAIN and e & L2E_OFFSET_MASK and not e & L2E_OFFSET_MASK & (cs - 1)
+                assert not e & chk.NOT_PLAIN and e & L2E_OFFSET_MASK and not e & L2E_OFFSET_MASK & (cs - 1)
                 assert list(tbl[i:i + run]) == [e + j * cs for j in range(run)]
         # maximal: a plain run or a zero run stops where the pattern does
         nxt = i + run
@@ -88,7 +89,7 @@ def _image(tmp_path, seed):
 
 def _l2_offsets(path):
     with Qcow2Backend.open(path) as b:
-        return [e & 0x00FFFFFFFFFFFE00 for e in b._l1 if e & 0x00FFFFFFFFFFFE00], b._rt[0] & ~0x1FF
+        return [e & 0x00FFFFFFFFFFFE00 for e in b.st.l1 if e & 0x00FFFFFFFFFFFE00], b.st.rt[0] & ~0x1FF
 
 
 def _damage(path, rng):
@@ -129,7 +130,7 @@ def _damage(path, rng):
 
 def _check(path, repair, runs, monkeypatch):
     if not runs:
-        monkeypatch.setattr(chk, "_l2_runs", _one_by_one)
+        monkeypatch.setattr(chk, "l2_runs", _one_by_one)
     try:
         with Qcow2Backend.open(path, writable=bool(repair)) as b:
             r = b.check(repair)

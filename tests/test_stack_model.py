@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 import peers
+from helpers import assert_same, payload
 from vdtool.core import ops
 from vdtool.core.backend import Cap, Status
 from vdtool.core.ops.common import parent_spec
@@ -31,50 +32,6 @@ from vdtool.core.stack import open_image
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 K, M = 1 << 10, 1 << 20
-
-
-def first_difference(a, b) -> str:
-    if len(a) != len(b):
-        return f"lengths differ: {len(a)} != {len(b)}"
-    a, b = bytes(a), bytes(b)
-    lo, hi = 0, len(a)
-    # binary search for the first differing byte without a Python loop over bytes
-    while hi - lo > 64:
-        mid = (lo + hi) // 2
-        if a[lo:mid] != b[lo:mid]:
-            hi = mid
-        else:
-            lo = mid
-    for i in range(lo, hi):
-        if a[i] != b[i]:
-            j = i
-            while j < len(a) and j < i + 4096 and a[j] != b[j]:
-                j += 1
-            return f"first difference at offset {i} (got {a[i]:#04x}, want {b[i]:#04x}; {j - i}+ bytes differ)"
-    return "equal"
-
-
-def assert_same(got, want, what: str) -> None:
-    if bytes(got) != bytes(want):
-        raise AssertionError(f"{what}: {first_difference(got, want)}")
-
-
-def payload(kind: str, seed: int, n: int) -> bytes:
-    rng = random.Random(seed)
-    if kind == "fill":
-        return bytes([rng.randrange(1, 256)]) * n
-    if kind == "zeros":
-        return bytes(n)
-    if kind == "random":
-        return rng.randbytes(n)
-    # "mixed": 512-byte pieces that are zero or random, so zero detection
-    # inside a write and in the copy engine gets exercised
-    out = bytearray(n)
-    for i in range(0, n, 512):
-        if rng.random() < 0.5:
-            k = min(512, n - i)
-            out[i:i + k] = rng.randbytes(k)
-    return bytes(out)
 
 
 QEMU_NAME = {"vhd": "vpc"}

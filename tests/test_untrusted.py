@@ -12,11 +12,11 @@ import struct
 
 import pytest
 
+from helpers import peek, poke
 from vdrun import run_vdtool, vdtool_env
 
 import peers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = b"HOST-SECRET-0123456789-do-not-leak"
 
 
@@ -173,9 +173,7 @@ def test_ambiguous_probe_refused(imgdir):
                                                 (88, 1 << 7, "autoclear")])
 def test_qcow2_unknown_feature_bits(imgdir, offset, value, what):
     peers.qemu_img("create", "-q", "-f", "qcow2", imgdir / "f.qcow2", "1M")
-    with open(imgdir / "f.qcow2", "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(">Q", value))
+    poke(imgdir / "f.qcow2", offset, ">Q", value)
     proc = vd(imgdir, "info", "--untrusted", "f.qcow2", expect=1)
     err = proc.stderr.decode()
     assert "rule unknown-features" in err and what in err, err
@@ -183,11 +181,7 @@ def test_qcow2_unknown_feature_bits(imgdir, offset, value, what):
 
 def test_vmdk_unknown_header_flags(imgdir):
     vd(imgdir, "create", "-q", "s.vmdk", "1M", expect=0)
-    with open(imgdir / "s.vmdk", "r+b") as f:
-        f.seek(8)
-        flags = struct.unpack("<I", f.read(4))[0]
-        f.seek(8)
-        f.write(struct.pack("<I", flags | (1 << 9)))
+    poke(imgdir / "s.vmdk", 8, "<I", peek(imgdir / "s.vmdk", 8, "<I") | (1 << 9))
     proc = vd(imgdir, "info", "--untrusted", "s.vmdk", expect=1)
     assert "rule unknown-features" in proc.stderr.decode(), proc.stderr
 

@@ -7,35 +7,20 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 import uuid as uuidlib
 
 import pytest
 
 import peers
+from helpers import poke, read_all
+from vdrun import cli
 from vdtool.core import ops
 from vdtool.core.errors import ChainError, CorruptImageError, VdError
 from vdtool.core.stack import open_image
-from vdtool.formats.vdi import VDIHEADER1PLUS, VdiBackend
+from vdtool.formats.vdi.backend import VdiBackend
+from vdtool.formats.vdi.layout import HEADER1PLUS
 
 M = 1 << 20
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cli(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "vdtool", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=120)
-
-
-def qio(path, *cmds, fmt="vdi"):
-    peers.qemu_io(path, *cmds, fmt=fmt)
-
-
-def read_all(path, **kw) -> bytes:
-    with open_image(str(path), **kw) as s:
-        return s.read(0, s.virtual_size)
 
 
 def write(path, offset, data, **kw):
@@ -48,15 +33,9 @@ def header(path) -> dict:
     names = ("cbHeader u32Type fFlags szComment offBlocks offData cyl heads secs cbSector dummy cbDisk cbBlock "
              "cbBlockExtra cBlocks cBlocksAllocated uuidCreate uuidModify uuidLinkage uuidParentModify "
              "lc lh ls lcb").split()
-    d = dict(zip(names, VDIHEADER1PLUS.unpack_from(raw, 72)))
+    d = dict(zip(names, HEADER1PLUS.unpack(raw, 72).values()))
     d["text"], d["sig"], d["ver"] = raw[:64], *struct.unpack_from("<II", raw, 64)
     return d
-
-
-def poke(path, offset, fmt, *values):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(fmt, *values))
 
 
 # -- qemu-img's images read exactly -------------------------------------------------------------
@@ -67,8 +46,8 @@ def test_reads_qemu_images(tmp_path, size, static):
     p = tmp_path / "q.vdi"
     peers.qemu_img("create", "-q", "-f", "vdi", *(["-o", "static=on"] if static else []), p, size)
     total = peers.qemu_info(p)["virtual-size"]
-    qio(p, "write -P 0x5a 0 4096", f"write -P 0x33 {total - 70000} 70000",
-        f"write -P 0x71 {total // 2 - 300} 1000")
+    peers.qemu_io(p, "write -P 0x5a 0 4096", f"write -P 0x33 {total - 70000} 70000",
+                  f"write -P 0x71 {total // 2 - 300} 1000", fmt="vdi")
     peers.qemu_to_raw(p, tmp_path / "q.raw")
     assert read_all(p) == open(tmp_path / "q.raw", "rb").read()
     with VdiBackend.open(str(p)) as b:
@@ -324,8 +303,8 @@ def test_compact_differencing_keeps_zeros_over_parent(tmp_path):
     assert data[M:2 * M] == b"\x66" * M
     assert data[3 * M:] == bytes(M)
     with VdiBackend.open(str(child)) as b:
-        assert b._mv[0] == 0xFFFFFFFE  # the ZERO marker
-        assert b.cBlocksAllocated == 2
+        assert b.state.map.mv[0] == 0xFFFFFFFE  # the ZERO marker
+        assert b.state.hdr.cBlocksAllocated == 2
     assert os.path.getsize(child) == header(child)["offData"] + 2 * M
 
 
@@ -357,7 +336,7 @@ def test_discard(tmp_path):
 def test_resize_grow_relocates_and_shrink(tmp_path):
     p = tmp_path / "r.vdi"
     peers.qemu_img("create", "-q", "-f", "vdi", p, "100M")  # qemu leaves room for 128 map entries only
-    qio(p, "write -P 0x41 0 1M", "write -P 0x42 50M 2M", "write -P 0x43 99M 1M")
+    peers.qemu_io(p, "write -P 0x41 0 1M", "write -P 0x42 50M 2M", "write -P 0x43 99M 1M", fmt="vdi")
     peers.qemu_to_raw(p, tmp_path / "before.raw")
     r = cli("resize", p, "300M")
     assert r.returncode == 0, r.stderr

@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 import peers
 from vdtool.core import ops
 from vdtool.core.stack import open_image
-from vdtool.formats.vdi import VdiBackend
+from vdtool.formats.vdi.backend import VdiBackend
 
 
 class VdiMachine(RuleBasedStateMachine):
@@ -150,7 +150,7 @@ class VdiMachine(RuleBasedStateMachine):
             r = b.check()
             assert (r.corruptions, r.leaks, r.check_errors) == (0, 0, 0), r.messages
             if self.variant == "fixed":
-                assert b.cBlocksAllocated == b.cBlocks
+                assert b.state.hdr.cBlocksAllocated == b.state.hdr.cBlocks
 
 
 class DynamicMachine(VdiMachine):

@@ -8,37 +8,24 @@ import json
 import os
 import random
 import struct
-import subprocess
 import sys
-import time
 from array import array
 
 import pytest
 
 import peers
+from helpers import poke, timed
+from vdrun import cli
 from vdtool.core.backend import Status
 from vdtool.core.errors import CorruptImageError
 from vdtool.core.ops._check import check as check_op
-from vdtool.formats import vdi as vdimod
-from vdtool.formats.vdi import VdiBackend
+from vdtool.formats.vdi import blockmap
+from vdtool.formats.vdi.backend import VdiBackend
 
 M = 1 << 20
 T = 1 << 40
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FREE, ZERO = 0xFFFFFFFF, 0xFFFFFFFE
 H = 72
-
-
-def cli(*args):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "vdtool", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=120)
-
-
-def timed_cli(*args):
-    t = time.monotonic()
-    r = cli(*args)
-    return r, time.monotonic() - t
 
 
 def map_of(path) -> array:
@@ -51,12 +38,6 @@ def map_of(path) -> array:
     if sys.byteorder != "little":
         a.byteswap()
     return a
-
-
-def poke(path, offset, fmt, *values):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(fmt, *values))
 
 
 def set_entry(path, i, v):
@@ -107,7 +88,7 @@ def ref_check(entries, n, cblocks, limit, fsize, block_pos) -> dict:
                         f"(they end at {block_pos(n)})")
     leaks = n - sum(used)
     if leaks:
-        messages.append(f"Leaked block(s): {leaks} of the {n} allocated blocks are not in the block map")
+        messages.append(f"Leaked: {leaks} of the {n} allocated blocks are not in the block map")
     frag, prev = 0, None
     for e in entries:
         if e < ZERO:
@@ -139,11 +120,12 @@ def result_of(r) -> dict:
 def expected_check(path) -> dict:
     """ref_check applied to the image's map as it is on disk."""
     with VdiBackend.open(str(path), options={"check": True}) as b:
-        total = b.cbBlockExtra + b.cbBlock
+        h = b.state.hdr
+        total = h.cbBlockExtra + h.cbBlock
         fsize = os.path.getsize(path)
-        limit = (fsize - b.offData) // total + bool((fsize - b.offData) % total) if fsize > b.offData else 0
-        return ref_check(map_of(path), b.cBlocksAllocated, b.cBlocks, limit, fsize,
-                         lambda k: b.offData + k * total)
+        limit = (fsize - h.offData) // total + bool((fsize - h.offData) % total) if fsize > h.offData else 0
+        return ref_check(map_of(path), h.cBlocksAllocated, h.cBlocks, limit, fsize,
+                         lambda k: h.offData + k * total)
 
 
 def check_of(path) -> dict:
@@ -185,18 +167,18 @@ def test_sparse_2t_check_info_convert_compare(tmp_path):
 
 def test_64t_costs_follow_the_data(tmp_path):
     p = tmp_path / "huge.vdi"
-    r, t = timed_cli("create", "-q", p, "64T")
+    r, t = timed(cli, "create", "-q", p, "64T")
     assert r.returncode == 0 and t < 5, (t, r.stderr)
     peers.qemu_io(p, "write -P 0x5a 40T 1M", f"write -P 0x66 {64 * T - M} 1M", fmt="vdi")
-    r, t = timed_cli("check", "--output", "json", p)
+    r, t = timed(cli, "check", "--output", "json", p)
     assert r.returncode == 0 and t < 5, (t, r.stdout + r.stderr)
     rep = json.loads(r.stdout)
     assert (rep["allocated-clusters"], rep["total-clusters"], rep["corruptions"], rep["leaks"]) == (2, 64 * M, 0, 0)
-    r, t = timed_cli("info", "--output", "json", p)
+    r, t = timed(cli, "info", "--output", "json", p)
     assert r.returncode == 0 and t < 5, (t, r.stderr)
     assert json.loads(r.stdout)["format-specific"]["data"]["allocated-blocks"] == 2
     out = tmp_path / "huge.qcow2"
-    r, t = timed_cli("convert", "-q", "-O", "qcow2", p, out)
+    r, t = timed(cli, "convert", "-q", "-O", "qcow2", p, out)
     assert r.returncode == 0 and t < 5, (t, r.stderr)
     extents = json.loads(peers.qemu_img("map", "--output=json", "-f", "qcow2", out).stdout)
     assert [(e["start"], e["length"]) for e in extents if e["data"]] == [(40 * T, M), (64 * T - M, M)]
@@ -224,16 +206,16 @@ DAMAGE = [
     ("past the count", [("count", 2)],
      ["ERROR: block map entry 1048575 points to data block 2, not below the allocated count 2"], 1, 0),
     ("leak in the middle", [(300_000, FREE)],
-     ["Leaked block(s): 1 of the 3 allocated blocks are not in the block map"], 0, 1),
+     ["Leaked: 1 of the 3 allocated blocks are not in the block map"], 0, 1),
     ("moved to the middle", [(300_000, FREE), (650_000, 1)], [], 0, 0),
     ("zero marker far out", [(900_000, ZERO), (300_000, ZERO)],
-     ["Leaked block(s): 1 of the 3 allocated blocks are not in the block map"], 0, 1),
+     ["Leaked: 1 of the 3 allocated blocks are not in the block map"], 0, 1),
     ("several", [(12, 1), (524_288, 7), (524_289, 0xFFFFFF00), (1_048_575, 0)],
      ["ERROR: block map entry 300000 points to data block 1, which another entry uses",
       "ERROR: block map entry 524288 points to data block 7, past the end of the file",
       "ERROR: block map entry 524289 points to data block 4294967040, past the end of the file",
       "ERROR: block map entry 1048575 points to data block 0, which another entry uses",
-      "Leaked block(s): 1 of the 3 allocated blocks are not in the block map"], 4, 1),
+      "Leaked: 1 of the 3 allocated blocks are not in the block map"], 4, 1),
 ]
 
 
@@ -270,7 +252,7 @@ def test_damaged_maps_reported_as_before(tmp_path, name, changes, messages, corr
 
 # -- the sieves against the per-entry loops, on hostile maps ------------------------------------
 
-S = vdimod._SCAN
+S = blockmap.SCAN
 ODD = [0xFFFFFFFD, 0xFFFFFF00, 0x00FFFFFF, 0xFFFF00FF, 0xFEFFFFFF, 0xFFFFFEFF, 0x7FFFFFFF, 0x80000000, 0]
 
 
@@ -306,29 +288,29 @@ def test_sieves_match_per_entry_loops(tmp_path, seed):
     p = tmp_path / "s.vdi"
     with VdiBackend.create(str(p), blocks * 512, block_size=512) as b:
         entries = _random_map(rng, blocks, 2 * S)
-        b._mv[:] = entries  # the map in memory, native order
-        assert b._mv.tolist() == entries.tolist()
-        idx, vals = b._allocated()
+        b.state.map.mv[:] = entries  # the map in memory, native order
+        assert b.state.map.mv.tolist() == entries.tolist()
+        idx, vals = b.state.map.allocated()
         assert list(zip(idx, vals)) == [(i, e) for i, e in enumerate(entries) if e < ZERO]
-        assert b._allocated_count() == len(idx)
+        assert b.state.map.allocated_count() == len(idx)
         frag = sum(1 for a, c in zip(vals, vals[1:]) if c != a + 1)
-        assert b._map_stats() == (len(idx), frag)
+        assert b.state.map.stats() == (len(idx), frag)
         lo, hi = sorted(rng.randrange(blocks + 1) for _ in range(2))
-        assert b._allocated(lo, hi)[0] == [i for i in range(lo, hi) if entries[i] < ZERO]
+        assert b.state.map.allocated(lo, hi)[0] == [i for i in range(lo, hi) if entries[i] < ZERO]
         # open-time and check-time scan, with the count and the file end anywhere
         for _ in range(4):
             n = rng.choice([0, len(idx), rng.randrange(2 * S), 2 * S + 3])
             limit = rng.choice([n, n + 1, rng.randrange(2 * S + 5)])
-            b.cBlocksAllocated = n
-            b._fsize = b.offData + limit * 512
-            b._scan_map(lenient=True)
+            b.state.hdr.cBlocksAllocated = n
+            b.state.fsize = b.state.hdr.offData + limit * 512
+            b.state.scan_map(lenient=True)
             want = ref_problems(entries, n, blocks, limit)
-            assert b._map_problems == want
+            assert b.state.problems == want
             eof = [x for x in want if x[0] == "eof"]
             if eof:
                 with pytest.raises(CorruptImageError, match=f"block map entry {eof[0][1]} points"):
-                    b._scan_map(lenient=False)
-            rev = b._reverse()
+                    b.state.scan_map(lenient=False)
+            rev = b.state.map.reverse(n)
             ref = array("q", [-1]) * n
             for i, e in enumerate(entries):
                 if e < n:
@@ -344,10 +326,10 @@ def test_sieves_match_per_entry_loops(tmp_path, seed):
                 want_st = Status.DATA if e < ZERO else Status.ZERO if e == ZERO else Status.UNALLOCATED
                 end = ref_run_end(entries, b0, last)
                 if want_st == Status.DATA:
-                    end = min(end, b0 + 1 + vdimod._DATA_RUN_CAP)
+                    end = min(end, b0 + 1 + blockmap.DATA_RUN_CAP)
                 assert (st, got) == (want_st, end * 512 - b0 * 512), (b0, last)
         pos = 0
         while pos < size:
             st, got = b.block_status(pos, size - pos)
-            assert 0 < got <= size - pos and st == b._status_of(entries[pos // 512])
+            assert 0 < got <= size - pos and st == blockmap.status_of(entries[pos // 512])
             pos += got

@@ -9,40 +9,20 @@ rules; differencing chains over any format, with relative locators."""
 from __future__ import annotations
 
 import os
-import struct
-import subprocess
-import sys
 
 import pytest
 
 import peers
+from helpers import peek, poke, read_all, write_at
+from vdrun import cli
 from vdtool.core import ops, registry
 from vdtool.core.backend import Status
 from vdtool.core.errors import ChainError, CorruptImageError, UsageError, VdError
 from vdtool.core.stack import open_image
-from vdtool.formats import vhd as V
+from vdtool.formats.vhd import layout as V
+from vdtool.formats.vhd.backend import VhdBackend
 
 K, M, G = 1 << 10, 1 << 20, 1 << 30
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def read_all(path, fmt=None) -> bytes:
-    with open_image(str(path), fmt) as s:
-        return s.read(0, s.virtual_size)
-
-
-def qemu_raw(tmp_path, path) -> bytes:
-    out = tmp_path / (os.path.basename(str(path)) + ".qraw")
-    peers.qemu_to_raw(path, out, "vpc")
-    data = out.read_bytes()
-    out.unlink()
-    return data
-
-
-def cli(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "vdtool", *map(str, args)], capture_output=True, cwd=cwd,
-                          env=env, timeout=120)
 
 
 def fill(stack, writes):
@@ -67,11 +47,11 @@ def test_reads_qemu_images(tmp_path, opts, size):
     assert registry.probe_format(str(p)) == "vhd"
     info = ops.info(str(p))
     assert info["format"] == "vhd" and info["virtual-size"] == vsize
-    assert read_all(p) == qemu_raw(tmp_path, p)
+    assert read_all(p) == peers.qemu_raw(p, tmp_path, "vpc")
     # vdtool's own convert of it agrees too
     out = tmp_path / "out.raw"
     ops.convert(str(p), str(out), fmt="raw")
-    assert out.read_bytes() == qemu_raw(tmp_path, p)
+    assert out.read_bytes() == peers.qemu_raw(p, tmp_path, "vpc")
 
 
 def test_fixed_is_never_raw(tmp_path):
@@ -79,7 +59,7 @@ def test_fixed_is_never_raw(tmp_path):
     peers.qemu_img("create", "-q", "-f", "vpc", "-o", "subformat=fixed", p, "3M")
     peers.qemu_io(p, "write -P 0x42 0 64K", fmt="vpc")
     assert registry.probe_format(str(p)) == "vhd"
-    r = cli("info", "--output", "json", p)
+    r = cli("info", "--output", "json", p, text=False)
     assert r.returncode == 0 and b'"format": "vhd"' in r.stdout
     with open_image(str(p)) as s:
         assert s.top.variant == "fixed" and s.virtual_size == peers.qemu_info(p, "vpc")["virtual-size"]
@@ -92,7 +72,7 @@ def test_qemu_convert_from_qcow2_reads_back(tmp_path):
     for sub in ("dynamic", "fixed"):
         p = tmp_path / f"c-{sub}.vhd"
         peers.qemu_img("convert", "-f", "qcow2", "-O", "vpc", "-o", f"subformat={sub}", q, p)
-        assert read_all(p) == qemu_raw(tmp_path, p)
+        assert read_all(p) == peers.qemu_raw(p, tmp_path, "vpc")
 
 
 # -- what vdtool writes, judged by qemu and libvhdi ------------------------------------------------
@@ -108,7 +88,7 @@ def test_written_images_pass_qemu_and_libvhdi(tmp_path, variant, size):
         s.write_zeroes(100, 300)
         model = s.read(0, size)
     assert peers.qemu_info(p, "vpc")["virtual-size"] == size
-    assert qemu_raw(tmp_path, p) == model
+    assert peers.qemu_raw(p, tmp_path, "vpc") == model
     raw = tmp_path / "m.raw"
     raw.write_bytes(model)
     peers.assert_qemu_compare(p, raw, "vpc", "raw")
@@ -131,7 +111,7 @@ def test_convert_to_vhd_and_back(tmp_path):
         peers.assert_qemu_compare(src, back, "qcow2", "qcow2")
     # only written blocks are allocated
     with open_image(str(tmp_path / "d-dynamic.vhd")) as s:
-        assert sum(1 for e in s.top._bat if e != V.UNUSED) == 2
+        assert sum(1 for e in s.top.state.bat if e != V.UNUSED) == 2
 
 
 def test_block_sizes(tmp_path):
@@ -141,7 +121,7 @@ def test_block_sizes(tmp_path):
         with open_image(str(p), writable=True) as s:
             fill(s, [(bs - 7, b"\x5a" * (2 * bs + 100)), (49 * M, b"\x11" * 5000)])
             model = s.read(0, s.virtual_size)
-        assert qemu_raw(tmp_path, p) == model
+        assert peers.qemu_raw(p, tmp_path, "vpc") == model
         assert read_all(p) == model
     for bad in (3000, 512, 0, 1 << 29):
         with pytest.raises(UsageError):
@@ -150,7 +130,7 @@ def test_block_sizes(tmp_path):
 
 def test_azure_option(tmp_path):
     p = tmp_path / "az.vhd"
-    r = cli("create", "-f", "vhd", "--variant", "fixed", p, "1000000000", "-o", "azure=on")
+    r = cli("create", "-f", "vhd", "--variant", "fixed", p, "1000000000", "-o", "azure=on", text=False)
     assert r.returncode == 0, r.stderr
     assert b"1000341504" in r.stdout
     assert os.path.getsize(p) == 1000341504 + 512
@@ -160,7 +140,7 @@ def test_azure_option(tmp_path):
         assert ft.disk_type == V.TYPE_FIXED and ft.data_offset == V.NO_OFFSET and ft.features == 2
         assert ft.file_format_version == 0x10000
     raw = open(p, "rb").read()[-512:]
-    assert V._stored_checksum_ok(raw, 64)
+    assert V.checksum_ok(raw, V.FOOTER)
     res = ops.create(str(tmp_path / "az2.vhd"), 1000000000, variant="fixed", options={"azure": "on"})
     assert res["virtual-size"] == 1000341504 and "MiB" in res["message"]
     with pytest.raises(UsageError):
@@ -185,10 +165,8 @@ def _poke_footer(path, **fields):
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.seek(size - 512)
-        ft = V._Footer.parse(f.read(512))
-        for k, v in fields.items():
-            setattr(ft, k, v)
-        raw = ft.pack()
+        ft = V.FOOTER.unpack(f.read(512)).replace(**fields)
+        raw = V.pack_with_checksum(V.FOOTER, ft)
         f.seek(size - 512)
         f.write(raw)
         if ft.disk_type != V.TYPE_FIXED:
@@ -288,7 +266,7 @@ def test_parent_uuid_mismatch(tmp_path):
     assert "UUID" in str(ei.value)
     with open_image(str(tmp_path / "t.vhd"), force=True) as s:
         assert len(s) == 2
-    r = cli("info", tmp_path / "t.vhd")
+    r = cli("info", tmp_path / "t.vhd", text=False)
     assert r.returncode == 0 and b"MISMATCH" in r.stdout
 
 
@@ -297,9 +275,9 @@ def test_parent_timestamp_and_name(tmp_path):
     ops.create(str(tmp_path / "t.vhd"), parent=str(tmp_path / "b.vhd"))
     with open_image(str(tmp_path / "t.vhd")) as s:
         top, base = s.top, s.layers[0]
-        assert top._parent_ts == base.timestamp
-        assert top._parent_name == "b.vhd"
-        codes = {loc["code"] for loc in top._locators}
+        assert top.state.parent_ts == base.timestamp
+        assert top.state.parent_name == "b.vhd"
+        codes = {loc.code for loc in top.state.locators}
         assert codes == {V.PLAT_W2RU, V.PLAT_W2KU}
         assert top.info()["parent-unicode-name"] == "b.vhd"
 
@@ -313,10 +291,11 @@ def test_mac_and_w2ku_only_locators(tmp_path):
     with open_image(str(tmp_path / "t.vhd"), writable=True) as s:
         top = s.top
         url = ("file://localhost" + str(tmp_path / "b.vhd")).encode()
-        loc = top._locators[0]
-        top.file.pwrite(loc["offset"], url.ljust(loc["space"], b"\0"))
-        top._locators = [dict(loc, code=V.PLAT_MACX, length=len(url))]
-        top._header_dirty = True
+        loc = top.state.locators[0]
+        top.file.pwrite(loc.offset, url.ljust(loc.space, b"\0"))
+        loc.code, loc.length = V.PLAT_MACX, len(url)
+        top.state.locators = [loc]
+        top.state.header_dirty = True
     with open_image(str(tmp_path / "t.vhd")) as s:
         assert s.top.parent.filename == str(tmp_path / "b.vhd")
         assert s.read(0, 512) == b"\x77" * 512
@@ -334,7 +313,7 @@ def test_convert_with_parent_and_rebase(tmp_path):
     ops.convert(str(src), str(tmp_path / "o.vhd"), parent=str(tmp_path / "b.qcow2"))
     assert read_all(tmp_path / "o.vhd") == bytes(data)
     with open_image(str(tmp_path / "o.vhd")) as s:
-        allocated = sum(1 for e in s.top._bat if e != V.UNUSED)
+        allocated = sum(1 for e in s.top.state.bat if e != V.UNUSED)
         assert allocated == 1
     # safe rebase onto nothing keeps the content
     ops.rebase(str(tmp_path / "o.vhd"), None)
@@ -366,7 +345,7 @@ def test_resize_dynamic_grows_bat_and_moves_blocks(tmp_path):
     after = read_all(p)
     assert after[:4 * M] == before and len(after) == 600 * M and not any(after[4 * M:])
     with open_image(str(p), writable=True) as s:
-        assert s.top._max_entries == 300
+        assert s.top.state.max_table_entries == 300
         s.write(599 * M, b"\x03" * 100)
     assert peers.qemu_info(p, "vpc")["virtual-size"] == 600 * M
     raw = tmp_path / "r.raw"
@@ -446,7 +425,7 @@ def test_compact_differencing_keeps_zeros_over_parent(tmp_path):
     ops.compact(str(t))
     assert read_all(t) == before
     with open_image(str(t)) as s:
-        assert sum(1 for e in s.top._bat if e != V.UNUSED) == 2
+        assert sum(1 for e in s.top.state.bat if e != V.UNUSED) == 2
 
 
 def test_discard(tmp_path):
@@ -456,7 +435,7 @@ def test_discard(tmp_path):
         s.write(0, b"\x01" * (8 * M))
     ops.discard(str(p), ["2M:2M", "5M:1000"])
     with open_image(str(p)) as s:
-        assert s.top._bat[1] == V.UNUSED
+        assert s.top.state.bat[1] == V.UNUSED
         d = s.read(0, 8 * M)
     assert d[:2 * M] == b"\x01" * (2 * M) and not any(d[2 * M:4 * M]) and not any(d[5 * M:5 * M + 1000])
     assert d[5 * M + 1000:] == b"\x01" * (3 * M - 1000)
@@ -494,9 +473,7 @@ def test_check_repairs_footer_from_copy(tmp_path):
     p = tmp_path / "k.vhd"
     data = _dynamic_with_data(p)
     size = os.path.getsize(p)
-    with open(p, "r+b") as f:
-        f.seek(size - 512 + 40)
-        f.write(b"\xff" * 8)  # breaks the footer's checksum
+    write_at(p, size - 512 + 40, b"\xff" * 8)  # breaks the footer's checksum
     assert read_all(p) == data  # the copy stands in
     r = ops.check(str(p))
     assert r.corruptions >= 1 and r.exit_code == 2
@@ -520,11 +497,7 @@ def test_check_truncated_footer(tmp_path):
 
 
 def _poke_bat(path, index, value):
-    with open(path, "r+b") as f:
-        f.seek(512 + 16)
-        table = struct.unpack(">Q", f.read(8))[0]
-        f.seek(table + 4 * index)
-        f.write(struct.pack(">I", value))
+    poke(path, peek(path, 512 + 16, ">Q") + 4 * index, ">I", value)
 
 
 @pytest.mark.parametrize("what", ["past-eof", "over-metadata", "overlap"])
@@ -532,7 +505,7 @@ def test_check_bad_bat_entries(tmp_path, what):
     p = tmp_path / "k.vhd"
     _dynamic_with_data(p)
     with open_image(str(p)) as s:
-        first = s.top._bat[0]
+        first = s.top.state.bat[0]
     value = {"past-eof": 0x7FFFFF00, "over-metadata": 1, "overlap": first + 1}[what]
     _poke_bat(p, 3, value)
     r = ops.check(str(p))
@@ -551,10 +524,8 @@ def test_check_leak_of_empty_bitmap(tmp_path):
     p = tmp_path / "k.vhd"
     _dynamic_with_data(p)
     with open_image(str(p)) as s:
-        off = s.top._bat[2 * M // (2 * M) * 2] * 512  # block 2
-    with open(p, "r+b") as f:
-        f.seek(off)
-        f.write(bytes(512))
+        off = s.top.state.bat[2 * M // (2 * M) * 2] * 512  # block 2
+    write_at(p, off, bytes(512))
     r = ops.check(str(p))
     assert r.exit_code == 3 and r.leaks == 1
     r = ops.check(str(p), repair="leaks")
@@ -564,7 +535,7 @@ def test_check_leak_of_empty_bitmap(tmp_path):
 def test_check_cli_json(tmp_path):
     p = tmp_path / "k.vhd"
     _dynamic_with_data(p)
-    r = cli("check", "--output", "json", p)
+    r = cli("check", "--output", "json", p, text=False)
     assert r.returncode == 0 and b'"format": "vhd"' in r.stdout
 
 
@@ -582,29 +553,23 @@ def _poke_header(path, **fields):
     with open(path, "r+b") as f:
         f.seek(512)
         raw = bytearray(f.read(1024))
-        names = ("cookie", "data_offset", "table_offset", "header_version", "max_table_entries", "block_size",
-                 "checksum", "parent_unique_id", "parent_time_stamp", "reserved", "parent_unicode_name",
-                 "parent_locator_entries", "reserved2")
-        vals = dict(zip(names, V.DYN_HEADER.unpack(raw)))
-        vals.update(fields)
-        raw = bytearray(V.DYN_HEADER.pack(*(vals[n] for n in names)))
+        raw = bytearray(V.DYNAMIC_HEADER.pack(V.DYNAMIC_HEADER.unpack(raw), **fields))
         if "checksum" not in fields:
-            V._with_checksum(raw, 36)
+            V.with_checksum(raw, V.DYNAMIC_HEADER)
         f.seek(512)
         f.write(raw)
 
 
 def _poke_locator(path, **fields):
     with open(path, "r+b") as f:
-        f.seek(512 + 576)
-        vals = list(V.LOCATOR.unpack(f.read(24)))
-        for k, v in fields.items():
-            vals[["code", "space", "length", "res", "offset"].index(k)] = v
-        f.seek(512 + 576)
-        f.write(V.LOCATOR.pack(*vals))
+        at = 512 + V.DYNAMIC_HEADER.offset_of("parent_locator_entries")
+        f.seek(at)
+        entry = V.PARENT_LOCATOR.unpack(f.read(V.PARENT_LOCATOR.size))
+        f.seek(at)
+        f.write(V.PARENT_LOCATOR.pack(entry, **{"platform_data_" + k: v for k, v in fields.items()}))
         f.seek(512)
         raw = bytearray(f.read(1024))
-        V._with_checksum(raw, 36)
+        V.with_checksum(raw, V.DYNAMIC_HEADER)
         f.seek(512)
         f.write(raw)
 
@@ -652,17 +617,13 @@ def _fixed(tmp_path):
 
 def _break_both_footers(p):
     size = os.path.getsize(p)
-    with open(p, "r+b") as f:
-        for at in (0, size - 512):
-            f.seek(at + 64)
-            f.write(b"\x12\x34\x56\x78")
+    for at in (0, size - 512):
+        write_at(p, at + 64, b"\x12\x34\x56\x78")
 
 
 def _break_fixed_footer(p):
     size = os.path.getsize(p)
-    with open(p, "r+b") as f:
-        f.seek(size - 512 + 64)
-        f.write(b"\x12\x34\x56\x78")
+    write_at(p, size - 512 + 64, b"\x12\x34\x56\x78")
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
@@ -671,7 +632,7 @@ def test_hostile_headers(tmp_path, case):
     p = tmp_path / "h.vhd"
     with pytest.raises(VdError):
         read_all(p, "vhd")
-    r = cli("info", p)
+    r = cli("info", p, text=False)
     assert r.returncode == 1, r
     assert r.stderr.startswith(b"vdtool: error: ") and b"Traceback" not in r.stderr
     assert str(p).encode() in r.stderr
@@ -681,9 +642,9 @@ def test_bad_checksum_readable_with_force(tmp_path):
     p = _dyn(tmp_path)
     _poke_header(p, checksum=12345)
     with pytest.raises(CorruptImageError) as ei:
-        V.VhdBackend.open(str(p))
+        VhdBackend.open(str(p))
     assert "--force" in str(ei.value)
-    img = V.VhdBackend.open(str(p), options={"force": True})
+    img = VhdBackend.open(str(p), options={"force": True})
     try:
         assert img.read(0, 4096) == b"\x01" * 4096
         assert img.check().corruptions >= 1

@@ -18,25 +18,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 import peers
+from helpers import first_difference, payload
 from vdtool.core import ops
 from vdtool.core.ops._discard import discard_zero_blocks
 from vdtool.core.stack import open_image
 
 K, M = 1 << 10, 1 << 20
-
-
-def payload(kind: str, seed: int, n: int) -> bytes:
-    rng = random.Random(seed)
-    if kind == "fill":
-        return bytes([rng.randrange(1, 256)]) * n
-    if kind == "zeros":
-        return bytes(n)
-    out = bytearray(n)
-    for i in range(0, n, 512):
-        if rng.random() < 0.6:
-            k = min(512, n - i)
-            out[i:i + k] = rng.randbytes(k)
-    return bytes(out)
 
 
 class VhdMachine(RuleBasedStateMachine):
@@ -87,7 +74,7 @@ class VhdMachine(RuleBasedStateMachine):
                 for _ in range(4):
                     off = rng.randrange(0, plen - 1)
                     n = min(rng.randrange(1, 40 * K), plen - off)
-                    d = payload("mixed", rng.randrange(1 << 30), n)
+                    d = payload("mixed", rng.randrange(1 << 30), n, data_share=0.6)
                     s.write(off, d)
                     content[off:off + n] = d
             ops.create(self.path, size, parent=ppath, fmt="vhd", **bs)
@@ -101,7 +88,7 @@ class VhdMachine(RuleBasedStateMachine):
     @rule(data=st.data(), kind=st.sampled_from(["fill", "zeros", "mixed"]), seed=st.integers(0, 2 ** 32 - 1))
     def write(self, data, kind, seed):
         off, n = self.draw_range(data)
-        d = payload(kind, seed, n)
+        d = payload(kind, seed, n, data_share=0.6)
         self.stack.write(off, d)
         self.model[off:off + n] = d
 
@@ -155,7 +142,7 @@ class VhdMachine(RuleBasedStateMachine):
         if self.stack is None:
             return
         got = self.stack.read(0, len(self.model))
-        assert got == bytes(self.model), _first_diff(got, self.model)
+        assert got == bytes(self.model), first_difference(got, self.model)
 
     def teardown(self):
         try:
@@ -168,27 +155,16 @@ class VhdMachine(RuleBasedStateMachine):
                     peers.qemu_to_raw(self.path, out, "vpc")
                     with open(out, "rb") as f:
                         got = f.read()
-                    assert got == bytes(self.model), "qemu-img convert: " + _first_diff(got, self.model)
+                    assert got == bytes(self.model), "qemu-img convert: " + first_difference(got, self.model)
                 else:
                     # flatten through the ops: merge into child, then stand alone
                     ops.merge(self.path, into="child")
                     with open_image(self.path, "vhd") as s:
                         assert len(s) == 1
                         got = s.read(0, s.virtual_size)
-                    assert got == bytes(self.model), "after merge into child: " + _first_diff(got, self.model)
+                    assert got == bytes(self.model), "after merge into child: " + first_difference(got, self.model)
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _first_diff(a, b) -> str:
-    a, b = bytes(a), bytes(b)
-    if len(a) != len(b):
-        return f"lengths {len(a)} != {len(b)}"
-    for i in range(0, len(a), 512):
-        if a[i:i + 512] != b[i:i + 512]:
-            j = next(k for k in range(i, min(i + 512, len(a))) if a[k] != b[k])
-            return f"first difference at {j}: got {a[j]:#04x} want {b[j]:#04x}"
-    return "equal"
 
 
 def machine(variant, block, parent_fmt=None):

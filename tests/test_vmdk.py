@@ -7,28 +7,19 @@ from __future__ import annotations
 import os
 import random
 import struct
-import subprocess
-import sys
 
 import pytest
 
 import peers
+from helpers import read_all
+from vdrun import cli
 from vdtool.core import ops
 from vdtool.core.errors import ChainError, NotSupported, VdError
 from vdtool.core.stack import open_image
 
 K, M, G = 1 << 10, 1 << 20, 1 << 30
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "streamOptimized")
 WRITABLE = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "vmfs")
-
-
-def vd(*args, cwd=None, expect=0):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.run([sys.executable, "-m", "vdtool", *map(str, args)], capture_output=True, text=True,
-                       cwd=cwd, env=env, timeout=120)
-    assert p.returncode == expect, f"vdtool {args}: exit {p.returncode}\n{p.stdout}\n{p.stderr}"
-    return p
 
 
 def pattern_raw(path, size=5 * M, seed=1):
@@ -41,11 +32,6 @@ def pattern_raw(path, size=5 * M, seed=1):
     with open(path, "wb") as f:
         f.write(data)
     return bytes(data)
-
-
-def read_all(path, fmt=None) -> bytes:
-    with open_image(str(path), fmt) as s:
-        return s.read(0, s.virtual_size)
 
 
 def fill_qemu(path):
@@ -137,7 +123,7 @@ def test_create_options(tmp_path, adapter):
 def test_create_uuid_and_zeroed_grain(tmp_path):
     img = tmp_path / "u.vmdk"
     u = "12345678-1234-1234-1234-123456789abc"
-    vd("create", "-q", "--uuid", u, "-o", "zeroed_grain=on", img, "10M")
+    cli("create", "-q", "--uuid", u, "-o", "zeroed_grain=on", img, "10M", expect=0)
     with open_image(str(img)) as s:
         assert s.top.uuid == u
     hdr = open(img, "rb").read(512)
@@ -149,7 +135,7 @@ def test_stream_optimized_header_for_esxi(tmp_path):
     src = tmp_path / "src.raw"
     data = pattern_raw(src)
     dst = tmp_path / "s.vmdk"
-    vd("convert", "-q", "-c", src, dst)  # -c means streamOptimized
+    cli("convert", "-q", "-c", src, dst, expect=0)  # -c means streamOptimized
     raw = open(dst, "rb").read()
     (magic, version, flags, capacity, grain, doff, dsize, gtes, rgd, gd, overhead, unclean, nl,
      algo) = struct.unpack_from("<4sIIQQQQIQQQB4sH", raw, 0)
@@ -195,7 +181,7 @@ def test_convert_from_vmdk_to_qcow2_and_back(tmp_path):
     ops.convert(str(a), str(q))
     peers.assert_qemu_compare(q, src)
     b = tmp_path / "b.vmdk"
-    vd("convert", "-q", q, b)
+    cli("convert", "-q", q, b, expect=0)
     peers.assert_qemu_compare(b, src)
 
 
@@ -207,7 +193,7 @@ def test_overlay_chain_with_qemu(tmp_path):
     base = tmp_path / "base.vmdk"
     ops.convert(str(src), str(base))
     ov = tmp_path / "ov.vmdk"
-    vd("create", "-q", "-b", base, ov)
+    cli("create", "-q", "-b", base, ov, expect=0)
     text = open(ov, "rb").read(20 * K)
     with open_image(str(base)) as s:
         cid = s.top.cid
@@ -247,8 +233,8 @@ def test_parent_cid_mismatch(tmp_path):
     with pytest.raises(ChainError) as ei:
         open_image(str(ov))
     assert "cid" in str(ei.value)
-    p = vd("info", ov, expect=0)  # info reports, does not fail
-    p = vd("convert", "-O", "raw", ov, tmp_path / "x.raw", expect=1)
+    p = cli("info", ov, expect=0)  # info reports, does not fail
+    p = cli("convert", "-O", "raw", ov, tmp_path / "x.raw", expect=1)
     assert "Traceback" not in p.stderr and "expects" in p.stderr
     with open_image(str(ov), force=True) as s:
         assert s.read(0, 7) == b"changed"
@@ -374,7 +360,7 @@ def test_check_repairs_redundant_directory_and_bad_entries(tmp_path):
     open(img, "wb").write(raw)
     r = ops.check(str(img))
     assert r.corruptions >= 2 and r.exit_code == 2
-    vd("check", img, expect=2)
+    cli("check", img, expect=2)
     r = ops.check(str(img), repair="all")
     assert r.corruptions_fixed >= 2
     r = ops.check(str(img))
@@ -439,7 +425,7 @@ def test_hostile_header(tmp_path, case):
     with pytest.raises(VdError):
         with open_image(str(img), "vmdk") as s:
             s.read(0, s.virtual_size)
-    p = vd("info", "-f", "vmdk", img, expect=1)
+    p = cli("info", "-f", "vmdk", img, expect=1)
     assert "Traceback" not in p.stderr and p.stderr.startswith("vdtool: error:") and "h.vmdk" in p.stderr
 
 
@@ -479,7 +465,7 @@ def test_hostile_tables_and_descriptors(tmp_path, case):
     with pytest.raises(VdError):
         with open_image(str(img), "vmdk") as s:
             s.read(0, s.virtual_size)
-    p = vd("convert", "-f", "vmdk", "-O", "raw", img, tmp_path / "o.raw", expect=1)
+    p = cli("convert", "-f", "vmdk", "-O", "raw", img, tmp_path / "o.raw", expect=1)
     assert "Traceback" not in p.stderr and p.stderr.startswith("vdtool: error:")
 
 

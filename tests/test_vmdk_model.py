@@ -6,7 +6,6 @@ end qemu-img judges the image (check clean, convert equal to the model)."""
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import tempfile
 
@@ -16,23 +15,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 import peers
+from helpers import payload
 from vdtool.core import ops
 from vdtool.core.stack import open_image
 
 K, M = 1 << 10, 1 << 20
-
-
-def _payload(seed: int, n: int) -> bytes:
-    rng = random.Random(seed)
-    if seed % 3 == 0:
-        return bytes([rng.randrange(1, 256)]) * n
-    if seed % 3 == 1:
-        return rng.randbytes(n)
-    out = bytearray(n)
-    for i in range(0, n, 512):
-        if rng.random() < 0.5:
-            out[i:i + 512] = rng.randbytes(min(512, n - i))
-    return bytes(out)
+PAYLOADS = ("fill", "random", "mixed")  # the kind of data a seed writes: PAYLOADS[seed % 3]
 
 
 class VmdkMachine(RuleBasedStateMachine):
@@ -55,7 +43,7 @@ class VmdkMachine(RuleBasedStateMachine):
             ops.create(base, size + 8 * K, block_size=8192)
             pdata = bytearray(size + 8 * K)
             with open_image(base, writable=True) as s:
-                d = _payload(seed, size + 8 * K)
+                d = payload(PAYLOADS[seed % 3], seed, size + 8 * K)
                 s.write(0, d)
                 pdata[:] = d
             ops.create(self.path, size, parent=base, block_size=self.block,
@@ -76,7 +64,7 @@ class VmdkMachine(RuleBasedStateMachine):
     @rule(a=st.integers(0, 800), b=st.integers(0, 100), seed=st.integers(0, 1000))
     def write(self, a, b, seed):
         off, n = self._range(a, b)
-        d = _payload(seed, n)
+        d = payload(PAYLOADS[seed % 3], seed, n)
         self.stack.write(off, d)
         self.model[off:off + n] = d
 

@@ -11,36 +11,20 @@ import json
 import os
 import random
 import struct
-import subprocess
-import sys
-import time
 
 import pytest
 
 import peers
+from helpers import poke, timed, write_at
+from vdrun import cli
 from vdtool.core import ops
 from vdtool.core.backend import Status
 from vdtool.core.stack import open_image
-from vdtool.formats import _vmdk_sparse as sp
+from vdtool.formats.vmdk import tablescan as sp
 
 K, M, G, T = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 GRAIN = 64 * K
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMIT = 5.0  # seconds; what is measured is well under one
-
-
-def vd(*args, expect=0):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.run([sys.executable, "-m", "vdtool", *map(str, args)], capture_output=True, text=True, env=env,
-                       timeout=120)
-    assert p.returncode == expect, f"vdtool {args}: exit {p.returncode}\n{p.stdout}\n{p.stderr}"
-    return p
-
-
-def timed(fn, *args, **kw):
-    t = time.perf_counter()
-    r = fn(*args, **kw)
-    return r, time.perf_counter() - t
 
 
 def qemu_vmdk(path, size, *writes):
@@ -131,7 +115,7 @@ def test_empty_64t_fast(tmp_path):
         res, t = timed(ops.check, str(p))
         assert res.exit_code == 0 and t < LIMIT
     assert data_map(tmp_path / "o.qcow2", "qcow2") == []
-    vd("check", src)
+    cli("check", src, expect=0)
 
 
 def test_64t_with_data_far_apart(tmp_path):
@@ -197,10 +181,8 @@ def test_tables_written_as_zeros(tmp_path, monkeypatch):
     h = header(src)
     area = h["n"] * h["gt_sectors"] * 512
     starts = [(h["rgd"] + h["gd_sectors"]) * 512, (h["gd"] + h["gd_sectors"]) * 512]
-    with open(src, "r+b") as f:
-        for s in starts:
-            f.seek(s)
-            f.write(bytes(area))
+    for s in starts:
+        write_at(src, s, bytes(area))
     peers.qemu_io(src, *_writes(), fmt="vmdk")
     assert all(is_data(str(src), s, s + area) for s in starts)
     res = ops.check(str(src))
@@ -240,7 +222,7 @@ def test_directory_not_a_progression(tmp_path, monkeypatch):
     ops.convert(str(src), str(ref))
     _break_progression(src)
     with open_image(str(src)) as s:
-        segs = s.top._extents[0].table_scan().segs
+        segs = s.top.disk.extents[0].table_scan().segs
         assert any(not stride for *_, stride in segs) and any(stride for *_, stride in segs), segs
     peers.assert_qemu_compare(src, ref)
     res = ops.check(str(src))
@@ -263,9 +245,9 @@ def test_resize_keeps_runs(tmp_path):
     second, and what is written there is where qemu-io finds it."""
     img = tmp_path / "g.vmdk"
     qemu_vmdk(img, "64T", "write -P 0x5a 40T 1M")
-    vd("resize", img, "65T")
+    cli("resize", img, "65T", expect=0)
     with open_image(str(img)) as s:
-        ext = s.top._extents[0]
+        ext = s.top.disk.extents[0]
         for scan in (ext.table_scan(), ext.rgd_scan()):
             assert [stride for *_, stride in scan.segs] == [4, 4]
     assert os.stat(img).st_blocks * 512 < 64 * M
@@ -280,7 +262,7 @@ def test_resize_keeps_runs(tmp_path):
     qemu_vmdk(small, SIZE, *_writes())
     ref = tmp_path / "ref.qcow2"
     ops.convert(str(small), str(ref))
-    vd("resize", small, "3G")
+    cli("resize", small, "3G", expect=0)
     peers.qemu_img("resize", "-f", "qcow2", ref, "3G")
     with open_image(str(small), writable=True) as s:
         s.write(2 * G + 4 * K, b"\x67" * 100 * K)
@@ -311,7 +293,7 @@ def test_writes_after_scan_are_seen(tmp_path, monkeypatch):
         assert s.block_status(0, s.virtual_size)[:2] == (Status.DATA, 128 * K)  # grains 0 and 1
         assert s.block_status(T, 2 * M)[:2] == (Status.DATA, M)
         assert s.block_status(T + M, 4 * M)[:2] == (Status.UNALLOCATED, M)
-        ext = s.top._extents[0]
+        ext = s.top.disk.extents[0]
         s.flush()
         for off, n, byte in plan[2:]:
             s.write(off, bytes([byte]) * n)
@@ -346,7 +328,7 @@ def test_merge_into_big_vmdk_base(tmp_path):
     peers.qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "vmdk", ov)
     peers.qemu_io(ov, "write -P 0x61 0 64k", f"write -P 0x62 {b + 4 * K} 8k", "write -P 0x63 200G 1M",
                   fmt="qcow2")
-    vd("merge", ov)
+    cli("merge", ov, expect=0)
     peers.qemu_io(base, "read -P 0x61 0 64k", f"read -P 0x5a {b} 4k", f"read -P 0x62 {b + 4 * K} 8k",
                   f"read -P 0x5a {b + 12 * K} {M - 12 * K}", "read -P 0x63 200G 1M", "read -P 0 100G 1M",
                   fmt="vmdk")
@@ -381,16 +363,12 @@ def test_random_writes_match_model(tmp_path, monkeypatch, seed=1):
                 data = rng.randbytes(n)
                 s.write(off, data)
                 alloc.update(range(off // g, -(-(off + n) // g)))
-                with open(ref, "r+b") as f:
-                    f.seek(off)
-                    f.write(data)
+                write_at(ref, off, data)
             elif op < 0.8:
                 s.write_zeroes(off, n)
                 first, last = -(-off // g), (off + n) // g
                 alloc.difference_update(range(first, last))
-                with open(ref, "r+b") as f:
-                    f.seek(off)
-                    f.write(bytes(n))
+                write_at(ref, off, bytes(n))
             elif op < 0.9:
                 s.flush()
             else:
@@ -418,18 +396,15 @@ def test_check_finds_redundant_table_differences_in_holes(tmp_path):
     qemu_vmdk(img, "64G", "write -P 0x5a 5G 64k")
     h = header(img)
     gd, rgd = directory(img, "gd"), directory(img, "rgd")
-    with open(img, "r+b") as f:
-        f.seek(rgd[1000] * 512 + 8)  # an empty pair, both holes: the redundant copy gets an entry
-        f.write(struct.pack("<I", h["overhead"]))
-        f.seek(gd[1500] * 512 + 12)  # another: the primary gets an entry past the end of the file
-        f.write(struct.pack("<I", 0x7FFFFFF0))
+    poke(img, rgd[1000] * 512 + 8, "<I", h["overhead"])  # an empty pair, both holes: the redundant copy gets an entry
+    poke(img, gd[1500] * 512 + 12, "<I", 0x7FFFFFF0)  # another: the primary gets an entry past the end of the file
     res = ops.check(str(img))
     text = "\n".join(res.messages)
     assert res.corruptions == 3 and res.exit_code == 2, text
     assert "grain table 1000 differs from its redundant copy" in text
     assert "grain table 1500 differs from its redundant copy" in text
     assert "points past the end of the file" in text
-    vd("check", img, expect=2)
+    cli("check", img, expect=2)
     res = ops.check(str(img), repair="all")
     assert res.corruptions_fixed >= 3, res.messages
     res = ops.check(str(img))

@@ -14,13 +14,11 @@ extension says they could be one."""
 from __future__ import annotations
 
 import os
-import struct
 import uuid as uuidlib
 from typing import Callable, Optional
 
 MAX_ENTRIES_PER_DIR = 4096
 MAX_REGISTRY_BYTES = 16 << 20
-_VDI_SIG = 0xBEDA107F
 _seen_registries: list = []  # registry files met in this process, newest last
 _UUID_EXTS = {".vmdk", ".vhd", ".vhdx", ".hdd", ".hds"}
 
@@ -34,23 +32,14 @@ def _norm(u) -> Optional[str]:
 
 def vdi_uuid(path: str) -> Optional[str]:
     """The image UUID of a VDI file from its header alone (None if not a VDI)."""
+    from vdtool.core import registry
+
     try:
         with open(path, "rb") as f:
             head = f.read(512)
     except OSError:
         return None
-    if len(head) < 0x48 + 348:
-        return None
-    sig, ver = struct.unpack_from("<II", head, 0x40)
-    if sig != _VDI_SIG:
-        return None
-    if ver >> 16 == 1:
-        off = 0x48 + 0x140  # cbHeader .. cBlocksAllocated precede uuidCreate
-    elif ver == 2:
-        off = 0x48 + 0x12C
-    else:
-        return None
-    return str(uuidlib.UUID(bytes_le=head[off:off + 16]))
+    return registry.layout_module("vdi").image_uuid(head)
 
 
 def _image_uuid(path: str, opener: Callable) -> Optional[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import struct
 from typing import NamedTuple, Optional
 
 from vdtool.core.errors import NotImplementedFormat, UsageError, VdError
@@ -18,10 +17,10 @@ from vdtool.core.errors import NotImplementedFormat, UsageError, VdError
 # name -> "module:Class"
 BUILTIN = {
     "raw": "vdtool.formats.raw:RawBackend",
-    "qcow2": "vdtool.formats.qcow2:Qcow2Backend",
-    "vhd": "vdtool.formats.vhd:VhdBackend",
-    "vmdk": "vdtool.formats.vmdk:VmdkBackend",
-    "vdi": "vdtool.formats.vdi:VdiBackend",
+    "qcow2": "vdtool.formats.qcow2.backend:Qcow2Backend",
+    "vhd": "vdtool.formats.vhd.backend:VhdBackend",
+    "vmdk": "vdtool.formats.vmdk.backend:VmdkBackend",
+    "vdi": "vdtool.formats.vdi.backend:VdiBackend",
 }
 
 ALL_FORMATS = ("raw", "qcow2", "qcow", "qed", "vdi", "vmdk", "vhd", "vhdx", "parallels", "dmg")
@@ -131,29 +130,47 @@ def format_for_extension(path: str) -> str | None:
     return EXTENSIONS.get(ext)
 
 
+# The built-in formats' layout modules: their ``sniff(head, tail, size)``
+# recognises the format's magic (a layout module imports no backend, so
+# probing a file costs a few small imports), ``inspect_untrusted`` reads
+# what the header references (vdtool.core.untrusted).
+LAYOUTS = {
+    "qcow2": "vdtool.formats.qcow2.layout",
+    "vdi": "vdtool.formats.vdi.layout",
+    "vmdk": "vdtool.formats.vmdk.layout",
+    "vhd": "vdtool.formats.vhd.layout",
+}
+
+# Formats of the CLI contract without a backend yet, by the magic at their
+# start (or a UDIF trailer's), so that they are refused by name instead of
+# being read as raw.
+_QCOW_MAGIC = b"QFI\xfb"
+_PENDING_MAGIC = (
+    ("qed", lambda head, tail: head[:4] == b"QED\x00"),
+    ("vhdx", lambda head, tail: head[:8] == b"vhdxfile"),
+    ("parallels", lambda head, tail: head[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt")),
+    ("dmg", lambda head, tail: len(tail) >= 512 and tail[-512:-508] == b"koly"),
+)
+
+
+def layout_module(name: str):
+    """The layout module of built-in format ``name`` (see LAYOUTS)."""
+    return importlib.import_module(LAYOUTS[name])
+
+
 def _magic_scores(head: bytes, tail: bytes, size: int) -> dict:
-    """Scores for formats recognised by magic alone (those without a backend
-    yet); a backend's own probe can raise its entry, never lower it."""
+    """Scores from magic alone; a backend's own probe can raise its entry,
+    never lower it."""
     s = {}
-    if head[:4] == b"QFI\xfb" and len(head) >= 8:
-        version = struct.unpack(">I", head[4:8])[0]
-        s["qcow" if version == 1 else "qcow2"] = 100
-    if head[:4] == b"QED\x00":
-        s["qed"] = 100
-    if len(head) >= 0x48 and struct.unpack("<I", head[0x40:0x44])[0] == 0xBEDA107F:
-        s["vdi"] = 100
-    if head[:4] in (b"KDMV", b"COWD") or head[:21] == b"# Disk DescriptorFile" or (
-            b"# Disk DescriptorFile" in head[:1024] and b"createType" in head[:4096]):
-        s["vmdk"] = 100
-    if head[:8] == b"conectix" or (len(tail) >= 512 and tail[-512:-504] == b"conectix") or (
-            len(tail) >= 511 and tail[-511:-503] == b"conectix"):
-        s["vhd"] = 100
-    if head[:8] == b"vhdxfile":
-        s["vhdx"] = 100
-    if head[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt"):
-        s["parallels"] = 100
-    if len(tail) >= 512 and tail[-512:-508] == b"koly":
-        s["dmg"] = 100
+    for name in LAYOUTS:
+        score = layout_module(name).sniff(head, tail, size)
+        if score:
+            s[name] = score
+    if head[:4] == _QCOW_MAGIC and "qcow2" not in s:
+        s["qcow"] = 100  # version 1: qcow2's layout sniffs versions 2 and up
+    for name, matches in _PENDING_MAGIC:
+        if matches(head, tail):
+            s[name] = 100
     return s
 
 

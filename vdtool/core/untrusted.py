@@ -152,152 +152,31 @@ def choose_format(path: str, fmt: Optional[str], data=None) -> str:
 
 # -- header inspection (before the backend opens anything) --------------------------------
 
-_QCOW2_INCOMPAT_KNOWN = 0x1F  # dirty, corrupt, external data file, compression type, extended L2
-_QCOW2_COMPAT_KNOWN = 0x1  # lazy refcounts
-_QCOW2_AUTOCLEAR_KNOWN = 0x3  # bitmaps, raw external data
-_QCOW2_EXT_DATA_FILE = 0x44415441
-_VHD_FEATURES_KNOWN = 0x3  # temporary, reserved
-_VDI_FLAGS_KNOWN = 0x301  # VirtualBox's VD_VDI_IMAGE_FLAGS_ZERO_EXPAND and VD_IMAGE_FLAGS_FIXED|DIFF bits
-_VMDK_FLAGS_KNOWN = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 16) | (1 << 17)
-
-
-def _name(data: bytes) -> str:
-    return data.split(b"\0", 1)[0].decode("utf-8", "replace")
-
-
 def inspect_header(path: str, name: str, data=None) -> tuple:
     """(findings, complete): what the header bytes say before the backend
-    opens the image.  ``complete`` means every reference the format can make
-    was looked at here, so the backend need not be opened to find more.
-    ``data``: the file's probe data, when already read."""
+    opens the image (each format's layout module reads its own header:
+    ``inspect_untrusted``).  ``complete`` means every reference the format
+    can make was looked at here, so the backend need not be opened to find
+    more.  ``data``: the file's probe data, when already read."""
     from vdtool.core import registry
     from vdtool.core.fileio import ImageFile
 
-    fn = {"qcow2": _qcow2, "vmdk": _vmdk, "vhd": _vhd, "vdi": _vdi}.get(name)
-    if fn is None:
+    if name not in registry.LAYOUTS:
         return [], False
+    layout = registry.layout_module(name)
     try:
         if data is None:
             data = registry.read_probe_data(path)
         with ImageFile(path, lock=False) as f:
-            return fn(f, data.head, data.tail, data.size)
+            def read(offset: int, length: int) -> bytes:
+                # names and descriptors only: bounded however large the header says they are
+                return f.pread(offset, max(0, min(length, 1 << 20)))
+
+            return layout.inspect_untrusted(data.head, data.tail, data.size, read)
     except VdError:
         return [], False  # the backend's open will say what is wrong
     except (struct.error, ValueError, IndexError):
         return [], False  # malformed: the backend refuses it with the real reason
-
-
-def _read(f, offset: int, length: int) -> bytes:
-    return f.pread(offset, max(0, min(length, 1 << 20)))
-
-
-def _qcow2(f, head: bytes, tail: bytes, size: int):
-    out = []
-    if len(head) < 72 or head[:4] != b"QFI\xfb":
-        return out, False
-    version, bf_off, bf_size = struct.unpack_from(">IQI", head, 4)
-    if bf_off:
-        n = min(bf_size, 1023)
-        raw = _read(f, bf_off, n) if bf_off < size else b""
-        out.append(("external-reference", f"backing file {_name(raw)!r}"))
-    if version >= 3 and len(head) >= 104:
-        incompat, compat, autoclear = struct.unpack_from(">QQQ", head, 72)
-        hdr_len = struct.unpack_from(">I", head, 100)[0]
-        unknown = []
-        for kind, bits, known in (("incompatible", incompat, _QCOW2_INCOMPAT_KNOWN),
-                                  ("compatible", compat, _QCOW2_COMPAT_KNOWN),
-                                  ("autoclear", autoclear, _QCOW2_AUTOCLEAR_KNOWN)):
-            extra = bits & ~known
-            if extra:
-                unknown.append(f"{kind} 0x{extra:x}")
-        if unknown:
-            out.append(("unknown-features", "qcow2 feature bits " + ", ".join(unknown)))
-        data_name = None
-        pos = hdr_len if 104 <= hdr_len < len(head) else 104
-        for _ in range(64):  # header extensions, bounded
-            if pos + 8 > len(head):
-                break
-            etype, elen = struct.unpack_from(">II", head, pos)
-            if etype == 0:
-                break
-            if etype == _QCOW2_EXT_DATA_FILE:
-                data_name = _name(head[pos + 8:pos + 8 + min(elen, 4096)])
-            pos += 8 + (elen + 7) // 8 * 8
-        if incompat & 0x4 or data_name:
-            out.append(("external-reference", f"external data file {data_name or '(name not recorded)'!r}"))
-    return out, True
-
-
-def _vmdk(f, head: bytes, tail: bytes, size: int):
-    out = []
-    if head[:4] == b"KDMV" and len(head) >= 512:
-        flags = struct.unpack_from("<I", head, 8)[0]
-        if flags & ~_VMDK_FLAGS_KNOWN:
-            out.append(("unknown-features", f"vmdk sparse header flags 0x{flags & ~_VMDK_FLAGS_KNOWN:x}"))
-        desc_off, desc_size = struct.unpack_from("<QQ", head, 28)
-        if desc_off and desc_size and desc_size <= 2048:
-            text = _read(f, desc_off * 512, desc_size * 512)
-            out += _descriptor_findings(text, embedded=True)
-        return out, False
-    if head[:4] == b"COWD":
-        return out, False
-    if size > (1 << 20):
-        return out, False
-    text = _read(f, 0, size)
-    out += _descriptor_findings(text, embedded=False)
-    return out, True
-
-
-def _descriptor_findings(text: bytes, embedded: bool) -> list:
-    import re
-
-    out = []
-    text = text.split(b"\0", 1)[0].decode("utf-8", "replace")
-    for line in text.split("\n"):
-        s = line.strip()
-        m = re.match(r'^parentFileNameHint\s*=\s*"?([^"]*)"?\s*$', s)
-        if m and m.group(1):
-            out.append(("external-reference", f"parent image {m.group(1)!r} (parentFileNameHint)"))
-        if embedded:
-            continue
-        m = re.match(r'^(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Za-z]+)(?:\s+"([^"]*)")?', s)
-        if m and m.group(3).upper() != "ZERO":
-            where = "absolute path" if os.path.isabs(m.group(4) or "") else "another file"
-            out.append(("external-reference", f"{m.group(3).upper()} extent {m.group(4)!r} ({where})"))
-    return out
-
-
-def _vhd(f, head: bytes, tail: bytes, size: int):
-    out = []
-    for raw in (tail[-512:], head[:512]):
-        if len(raw) == 512 and raw[:8] == b"conectix":
-            features = struct.unpack_from(">I", raw, 8)[0]
-            disk_type = struct.unpack_from(">I", raw, 60)[0]
-            if features & ~_VHD_FEATURES_KNOWN:
-                out.append(("unknown-features", f"vhd footer features 0x{features & ~_VHD_FEATURES_KNOWN:x}"))
-            if disk_type == 4:
-                out.append(("external-reference", "differencing image: its parent is another file "
-                                                  "(parent locators)"))
-            break
-    return out, False
-
-
-def _vdi(f, head: bytes, tail: bytes, size: int):
-    out = []
-    if len(head) < 0x58:
-        return out, False
-    sig, ver = struct.unpack_from("<II", head, 0x40)
-    if ver >> 16 == 1:
-        img_type, flags = struct.unpack_from("<II", head, 0x4C)
-    elif ver == 2:
-        img_type, flags = struct.unpack_from("<II", head, 0x48)
-    else:
-        return out, False
-    if flags & ~_VDI_FLAGS_KNOWN:
-        out.append(("unknown-features", f"vdi image flags 0x{flags & ~_VDI_FLAGS_KNOWN:x}"))
-    if img_type in (3, 4):
-        out.append(("external-reference", "differencing image: its parent is another file (found by UUID)"))
-    return out, False
 
 
 # -- after the backend opened the image ----------------------------------------------------

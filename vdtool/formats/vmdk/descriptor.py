@@ -3,17 +3,24 @@
 The descriptor is kept as its list of lines so that comments, blank lines,
 unknown keys and their order survive a rewrite; only the values vdtool
 changes (CID, parentCID, extent sizes, ...) are replaced.  Field and type
-names as VMware's "Virtual Disk Format 5.0" spells them."""
+names as VMware's "Virtual Disk Format 5.0" spells them.
+
+Also the descriptor's values vdtool computes: the content ID (CID) and
+its renewal on a session's first write, the disk geometry, and the names of
+the extent files of a new or grown image."""
 
 from __future__ import annotations
 
+import os
+import random
 import re
-from dataclasses import dataclass
+import secrets
+import uuid as uuidlib
 from typing import Optional
 
 from vdtool.core.errors import CorruptImageError
+from vdtool.formats.vmdk.layout import MAX_DESCRIPTOR_BYTES, SECTOR
 
-MAX_DESCRIPTOR = 1 << 20
 MAX_EXTENTS = 4096
 MAX_LINE = 4096
 
@@ -24,13 +31,28 @@ _KEY_RE = re.compile(r"^([A-Za-z0-9_.\-]+)\s*=\s*(.*)$")
 _EXTENT_RE = re.compile(r'^(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Za-z]+)(?:\s+"((?:[^"])*)"(?:\s+(\d+))?)?\s*$')
 
 
-@dataclass
 class ExtentLine:
-    access: str
-    sectors: int
-    type: str
-    filename: Optional[str]
-    offset: int  # FLAT/VMFS: start sector inside the file
+    """One extent line: access mode, size in sectors, type, file name (None
+    for ZERO) and, for FLAT/VMFS, the start sector inside the file.  (Not a
+    dataclass: making one costs a millisecond of every start-up.)"""
+
+    __slots__ = ("access", "sectors", "type", "filename", "offset")
+
+    def __init__(self, access: str, sectors: int, type: str, filename: Optional[str], offset: int):
+        self.access = access
+        self.sectors = sectors
+        self.type = type
+        self.filename = filename
+        self.offset = offset  # FLAT/VMFS: start sector inside the file
+
+    def _values(self) -> tuple:
+        return self.access, self.sectors, self.type, self.filename, self.offset
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ExtentLine) and other._values() == self._values()
+
+    def __repr__(self) -> str:
+        return "ExtentLine(access={!r}, sectors={!r}, type={!r}, filename={!r}, offset={!r})".format(*self._values())
 
     def render(self) -> str:
         s = f"{self.access} {self.sectors} {self.type}"
@@ -52,8 +74,8 @@ class Descriptor:
     # -- parsing -------------------------------------------------------------
     @classmethod
     def parse(cls, raw: bytes, path: str) -> "Descriptor":
-        if len(raw) > MAX_DESCRIPTOR:
-            raise CorruptImageError(f"descriptor of {len(raw)} bytes is larger than {MAX_DESCRIPTOR}", path)
+        if len(raw) > MAX_DESCRIPTOR_BYTES:
+            raise CorruptImageError(f"descriptor of {len(raw)} bytes is larger than {MAX_DESCRIPTOR_BYTES}", path)
         nul = raw.find(b"\0")
         if nul >= 0:
             raw = raw[:nul]
@@ -179,3 +201,72 @@ def new_descriptor(create_type: str, cid: int, parent_cid: int, extents: list, d
     for key, value in ddb:
         L.append(("key", [key, value, True]))
     return d
+
+
+# -- content IDs ------------------------------------------------------------------------
+
+NO_PARENT_CID = 0xFFFFFFFF  # parentCID of an image without a parent
+NO_PARENT_CID_TEXT = "ffffffff"
+
+
+def is_hex32(v: str) -> bool:
+    """Whether ``v`` is a CID as descriptors write it: up to 8 hex digits."""
+    try:
+        return 0 <= int(v, 16) <= 0xFFFFFFFF and len(v) <= 8 and not v.startswith(("-", "+", "0x"))
+    except (ValueError, TypeError):
+        return False
+
+
+def cid_text(v: str) -> str:
+    """A CID value normalised to 8 lowercase digits (kept as is when it is
+    not a CID)."""
+    return f"{int(v, 16):08x}" if is_hex32(v) else v
+
+
+def new_cid(old: Optional[int] = None) -> int:
+    """A random CID, neither "no parent" nor ``old``."""
+    while True:
+        c = random.SystemRandom().getrandbits(32)
+        if c not in (NO_PARENT_CID, old):
+            return c
+
+
+def long_content_id(cid: int) -> str:
+    return secrets.token_hex(12) + f"{cid:08x}"
+
+
+def renew_cid(desc: Descriptor) -> None:
+    """A new CID (and, where the descriptor has them, a new long content ID
+    and modification UUID): what the first write of a session does, as
+    VMware does, so that overlays recording the old CID see the change."""
+    old = desc.get("CID")
+    cid = new_cid(int(old, 16) if old and is_hex32(old) else None)
+    desc.set("CID", f"{cid:08x}", quoted=False)
+    if desc.get("ddb.longContentID") is not None:
+        desc.set("ddb.longContentID", long_content_id(cid))
+    if desc.get("ddb.uuid.modification") is not None:
+        desc.set("ddb.uuid.modification", str(uuidlib.uuid4()))
+
+
+# -- geometry and file names ----------------------------------------------------------------
+
+def geometry(size: int, adapter: str) -> tuple:
+    """(cylinders, heads, sectors) of a ``size``-byte disk on ``adapter``."""
+    heads = 16 if adapter == "ide" else 255
+    return size // (63 * heads * SECTOR), heads, 63
+
+
+def stem_ext(path: str) -> tuple:
+    """The descriptor's file name as (stem, extension), ".vmdk" if it has none."""
+    base = os.path.basename(path)
+    stem, ext = os.path.splitext(base)
+    if not ext:
+        ext = ".vmdk"
+    return stem, ext
+
+
+def part_name(path: str, letter: str, index: int) -> str:
+    """File name of part ``index`` (from 1) of a split image: ``s`` for
+    sparse, ``f`` for flat parts, as qemu-img and VMware name them."""
+    stem, ext = stem_ext(path)
+    return f"{stem}-{letter}{index:03d}{ext}"

@@ -1,0 +1,210 @@
+"""New VMDK images, laid out as qemu-img and VMware write them."""
+
+from __future__ import annotations
+
+import os
+import uuid as uuidlib
+from typing import Optional
+
+from vdtool.core.backend import ParentSpec
+from vdtool.core.bytesutil import ceil_div
+from vdtool.core.errors import NotSupported, UsageError
+from vdtool.core.fileio import ImageFile
+from vdtool.formats.vmdk.descriptor import (NO_PARENT_CID, ExtentLine, geometry, is_hex32, long_content_id, new_cid,
+                                            new_descriptor, part_name, stem_ext)
+from vdtool.formats.vmdk.disk import Disk
+from vdtool.formats.vmdk.layout import (DEFAULT_GRAIN_SECTORS, FLAG_NL_DETECT, FLAG_RGD, FLAG_ZERO_GRAIN,
+                                        MAX_CAPACITY_BYTES, SECTOR, SPLIT_SECTORS)
+from vdtool.formats.vmdk.sparse import write_new_sparse
+from vdtool.formats.vmdk.stream import StreamWriter
+
+NULL_UUID = "00000000-0000-0000-0000-000000000000"
+# qemu-img's create options that are not VMDK's own -o keys
+_GENERIC_OPTIONS = ("subformat", "backing_file", "backing_fmt", "preallocation")
+
+
+def create_image(path: str, size: int, *, variant: Optional[str], block_size: Optional[int],
+                 parent: Optional[ParentSpec], options: Optional[dict], variants: tuple,
+                 format_options: tuple) -> Optional[Disk]:
+    """Write a new image at ``path``.  A streamOptimized image is written
+    later, in one pass: its Disk is returned, the file open and its
+    StreamWriter in ``stream``; for every other variant the files are
+    written and closed, and None is returned (the caller opens the image).
+    ``variants`` and ``format_options`` are the backend's."""
+    variant = _choose_variant(variant or (options or {}).get("subformat") or "monolithicSparse", variants)
+    opts = _parse_opts(format_options, options)
+    if (size is None or size == 0) and parent is not None and parent.size:
+        size = parent.size
+    size = ceil_div(int(size or 0), SECTOR) * SECTOR
+    if size < 0 or size > MAX_CAPACITY_BYTES:
+        raise UsageError(f"vmdk image size {size} is outside 0..2^56")
+    sparse = variant in ("monolithicSparse", "twoGbMaxExtentSparse", "streamOptimized")
+    grain = _grain_sectors(block_size, sparse, variant)
+    if parent is not None and variant not in ("monolithicSparse", "twoGbMaxExtentSparse"):
+        raise NotSupported("a parent image", "vmdk", path, f"{variant} images cannot be differencing images")
+    cid = new_cid()
+    pcid, hint = _parent_facts(parent)
+    stream = variant == "streamOptimized"
+    ddb = _ddb(size, opts, cid, opts["uuid"] or str(uuidlib.uuid4()), parent, stream)
+    zeroed = bool(opts["zeroed_grain"])
+    new = _NewImage(path, size // SECTOR, grain, version=2 if zeroed else 1,
+                    flags=FLAG_NL_DETECT | FLAG_RGD | (FLAG_ZERO_GRAIN if zeroed else 0))
+    if stream:
+        return new.stream(new_descriptor(variant, cid, pcid, new.lines_monolithic(), ddb, hint))
+    if variant == "monolithicSparse":
+        new.monolithic_sparse(new_descriptor(variant, cid, pcid, new.lines_monolithic(), ddb, hint))
+    else:
+        parts = new.parts(variant)
+        new.descriptor_file(parts, new_descriptor(variant, cid, pcid, new.lines(parts), ddb, hint))
+    return None
+
+
+def _choose_variant(variant, variants: tuple) -> str:
+    match = [v for v in variants if v.lower() == str(variant).lower()]
+    if not match:
+        raise UsageError(f"vmdk has no variant {variant!r}; choose from {', '.join(variants)}")
+    return match[0]
+
+
+def _parse_opts(format_options: tuple, options: Optional[dict]) -> dict:
+    opts = {o.name: o.default for o in format_options}
+    known = {o.name: o for o in format_options}
+    for key, value in (options or {}).items():
+        if key in _GENERIC_OPTIONS:
+            continue
+        if key not in known:
+            raise UsageError(f"unknown vmdk option {key!r} (valid options: {', '.join(sorted(known))})")
+        opts[key] = known[key].parse(value, "vmdk") if value is not None else None
+    hw = str(opts["hwversion"])
+    if not hw.isdigit() or not 1 <= int(hw) <= 99:
+        raise UsageError(f"vmdk option hwversion: invalid value {hw!r} (a number from 1 to 99)")
+    if opts["compat6"]:
+        if "hwversion" in (options or {}) and hw != "6":
+            raise UsageError("vmdk options compat6 and hwversion cannot both be given")
+        opts["hwversion"] = "6"
+    if opts["uuid"]:
+        try:
+            opts["uuid"] = str(uuidlib.UUID(str(opts["uuid"])))
+        except ValueError:
+            raise UsageError(f"vmdk option uuid: {opts['uuid']!r} is not a UUID") from None
+    tv = str(opts["toolsversion"])
+    if not tv.isdigit():
+        raise UsageError(f"vmdk option toolsversion: invalid value {tv!r} (a number)")
+    return opts
+
+
+def _grain_sectors(block_size: Optional[int], sparse: bool, variant: str) -> int:
+    if block_size is None:
+        return DEFAULT_GRAIN_SECTORS
+    if not sparse:
+        raise UsageError(f"--block-size applies to sparse VMDK variants, not {variant}")
+    if block_size < 4096 or block_size > (1 << 20) or block_size & (block_size - 1):
+        raise UsageError(f"vmdk grain size {block_size} is not a power of two from 4K to 1M")
+    return block_size // SECTOR
+
+
+def _parent_facts(parent: Optional[ParentSpec]) -> tuple:
+    """(parentCID, parentFileNameHint) a child of ``parent`` records."""
+    if parent is None:
+        return NO_PARENT_CID, None
+    pcid = NO_PARENT_CID
+    pc = getattr(parent.image, "cid", None) if parent.image is not None else None
+    if pc and is_hex32(pc):
+        pcid = int(pc, 16)
+    return pcid, parent.recorded_name
+
+
+def _ddb(size: int, opts: dict, cid: int, image_uuid: str, parent: Optional[ParentSpec], stream: bool) -> list:
+    adapter = opts["adapter_type"]
+    cyl, heads, secs = geometry(size, adapter)
+    ddb = [
+        ("ddb.virtualHWVersion", str(opts["hwversion"])),
+        ("ddb.geometry.cylinders", str(cyl)),
+        ("ddb.geometry.heads", str(heads)),
+        ("ddb.geometry.sectors", str(secs)),
+        ("ddb.adapterType", adapter),
+        ("ddb.toolsVersion", str(opts["toolsversion"])),
+    ]
+    if stream:
+        ddb.append(("ddb.toolsInstallType", "4"))
+    ddb += [
+        ("ddb.longContentID", long_content_id(cid)),
+        ("ddb.uuid.image", image_uuid),
+        ("ddb.uuid.modification", str(uuidlib.uuid4())),
+        ("ddb.uuid.parent", parent.uuid if parent is not None and parent.uuid else NULL_UUID),
+        ("ddb.uuid.parentmodification", (parent.modification_uuid if parent is not None and
+                                         parent.modification_uuid else NULL_UUID)),
+    ]
+    return ddb
+
+
+class _NewImage:
+    """The files of one new image: ``sectors`` of disk, sparse extents of
+    ``grain`` sectors with header ``version`` and ``flags``."""
+
+    def __init__(self, path: str, sectors: int, grain: int, *, version: int, flags: int):
+        self.path = path
+        self.sectors = sectors
+        self.grain = grain
+        self.version = version
+        self.flags = flags
+
+    def lines_monolithic(self) -> list:
+        return [ExtentLine("RW", self.sectors, "SPARSE", os.path.basename(self.path), 0)]
+
+    def parts(self, variant: str) -> list:
+        """(file name, sectors, extent type) of each extent file."""
+        sectors = self.sectors
+        if variant in ("monolithicFlat", "vmfs"):
+            stem, ext = stem_ext(self.path)
+            names = [(f"{stem}-flat{ext}", sectors)]
+        else:
+            letter = "s" if variant == "twoGbMaxExtentSparse" else "f"
+            n = max(1, ceil_div(sectors, SPLIT_SECTORS))
+            names = [(part_name(self.path, letter, i + 1), min(SPLIT_SECTORS, sectors - i * SPLIT_SECTORS))
+                     for i in range(n)]
+        etype = {"vmfs": "VMFS", "twoGbMaxExtentSparse": "SPARSE"}.get(variant, "FLAT")
+        return [(name, n, etype) for name, n in names]
+
+    @staticmethod
+    def lines(parts: list) -> list:
+        return [ExtentLine("RW", n, etype, name, 0) for name, n, etype in parts]
+
+    def stream(self, desc) -> Disk:
+        f = ImageFile(self.path, create=True)
+        try:
+            disk = Disk(self.path, f)
+            disk.desc = desc
+            disk.desc_home = None
+            disk.stream = StreamWriter(f, self.sectors, desc.render(), self.grain)
+        except BaseException:
+            f.close()
+            raise
+        return disk
+
+    def monolithic_sparse(self, desc) -> None:
+        with ImageFile(self.path, create=True) as f:
+            write_new_sparse(f, self.sectors, version=self.version, flags=self.flags, desc=desc.render(),
+                             grain=self.grain)
+            f.flush()
+
+    def descriptor_file(self, parts: list, desc) -> None:
+        """The extent files, then the descriptor naming them."""
+        folder = os.path.dirname(os.path.abspath(self.path))
+        made = []
+        try:
+            for name, n, etype in parts:
+                ef = ImageFile(os.path.join(folder, name), create=True)
+                made.append(ef)
+                if etype == "SPARSE":
+                    write_new_sparse(ef, n, version=self.version, flags=self.flags, desc=None, grain=self.grain)
+                else:
+                    ef.truncate(n * SECTOR)
+            f = ImageFile(self.path, create=True)
+            made.append(f)
+            f.pwrite(0, desc.render())
+            for m in made:
+                m.flush()
+        finally:
+            for m in made:
+                m.close()
