@@ -498,3 +498,23 @@ def test_probe(tmp_path):
     img2 = tmp_path / "p2.bin"
     ops.create(str(img2), M, fmt="vmdk")
     assert registry.probe_format(str(img2)) == "vmdk"
+
+
+def test_descriptor_file_with_qemu_nul_padding(tmp_path):
+    """qemu-io's CID update can leave the descriptor text followed by a NUL,
+    a newline and NUL padding (seen with twoGbMaxExtentSparse): qemu-img
+    reads it and so must vdtool; text after the NUL is still refused."""
+    img = tmp_path / "q.vmdk"
+    peers.qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", img, "5300K")
+    peers.qemu_io(img, "write -P 0x11 0 64k")
+    text = open(img, "rb").read().split(b"\0", 1)[0]
+    with open(img, "wb") as f:
+        f.write((text + b"\0\n").ljust(512, b"\0"))
+    want = tmp_path / "want.raw"
+    peers.qemu_to_raw(img, want)
+    assert read_all(img) == open(want, "rb").read()
+    assert ops.check(str(img)).exit_code == 0
+    with open(img, "wb") as f:
+        f.write(text + b"\0createType=\"monolithicFlat\"\n")
+    with pytest.raises(VdError, match="neither a VMDK sparse extent nor a text descriptor"):
+        open_image(str(img)).close()

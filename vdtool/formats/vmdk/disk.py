@@ -199,8 +199,13 @@ def _load_descriptor_file(disk: Disk, fsize: int, writable: bool) -> None:
         raise FormatError(f"descriptor file of {fsize} bytes is larger than 1 MiB (not a VMDK descriptor)",
                           disk.path)
     raw = f.pread(0, fsize)
-    if b"\0" in raw.rstrip(b"\0"):
+    # the text ends at the first NUL; qemu's CID update can leave a NUL and
+    # a newline before NUL padding, which its reader takes too: only
+    # NULs and white space may follow
+    text, _, rest = raw.partition(b"\0")
+    if rest.strip(b"\0 \t\r\n"):
         raise FormatError("file is neither a VMDK sparse extent nor a text descriptor", disk.path)
+    raw = text
     disk.desc = Descriptor.parse(raw, disk.path)
     disk.desc_home = "file"
     if not disk.desc.extents:
