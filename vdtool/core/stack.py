@@ -315,7 +315,9 @@ def open_image(path: str, fmt: Optional[str] = None, *, writable: bool = False, 
                                 "'vdtool rebase -u -b NEWPATH IMAGE'")
                 else:
                     reason = (f"parent with UUID {ref.uuid} not found (looked in the image's folder, the one "
-                              f"above it, --parent-search folders and VirtualBox registries there)")
+                              f"above it, --parent-search folders and VirtualBox registries there); if it "
+                              f"moved, name its folder with --parent-search DIR, or record it with "
+                              f"'vdtool rebase -u -b NEWPATH IMAGE'")
                 if allow_missing_parent:
                     missing = ref
                     break
