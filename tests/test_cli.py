@@ -312,8 +312,9 @@ def test_info_json_keys(tmp_path):
 
 def test_info_chain_json(tmp_path):
     vd(tmp_path, "create", "-q", "d.img", "1M", expect=0)
-    d = info_json(tmp_path, "d.img", "--chain")
-    assert isinstance(d["chain"], list) and d["chain"][0]["format"] == "raw"
+    d = info_json(tmp_path, "d.img", "--chain")  # --chain: an alias of --backing-chain
+    assert isinstance(d, list) and d[0]["format"] == "raw"
+    assert info_json(tmp_path, "d.img", "--backing-chain") == d
 
 
 def test_info_with_f_and_U(tmp_path):
@@ -757,7 +758,7 @@ def test_qcow2_overlay_merge_rebase(tmp_path):
     vd(tmp_path, "convert", "-q", "top.qcow2", "flat.img", expect=0)
     flat = file_bytes(tmp_path / "flat.img")
     assert flat[:512 << 10] == b"\x11" * (512 << 10) and flat[512 << 10:1536 << 10] == b"\x22" * MiB
-    chain = info_json(tmp_path, "top.qcow2", "--chain")["chain"]
+    chain = info_json(tmp_path, "top.qcow2", "--chain")
     assert [c["filename"].split("/")[-1] for c in chain] == ["top.qcow2", "base.qcow2"]
     vd(tmp_path, "merge", "-q", "top.qcow2", expect=0)
     assert not (tmp_path / "top.qcow2").exists()

@@ -346,7 +346,7 @@ def test_missing_parent(tmp_path):
     assert d["parent-found"] is False
     assert d["backing-filename"] == "gone-parent.qcow2"
     assert "gone-parent.qcow2" in d.get("parent-problem", "")
-    chain = ops.info(str(c), chain=True)["chain"]
+    chain = ops.info(str(c), chain=True)
     assert len(chain) == 1 and chain[0]["parent-found"] is False
     # the parent search folders find a parent that moved
     other = tmp_path / "elsewhere"
@@ -363,7 +363,7 @@ def test_info_chain_found(tmp_path):
     peers.qemu_img("create", "-q", "-f", "raw", base, "1M")
     top = tmp_path / "top.qcow2"
     peers.qemu_img("create", "-q", "-f", "qcow2", "-b", "base.img", "-F", "raw", top)
-    d = ops.info(str(top), chain=True)["chain"]
+    d = ops.info(str(top), chain=True)
     assert [x["format"] for x in d] == ["qcow2", "raw"]
     assert d[0]["parent-found"] is True
     assert d[0]["backing-filename"] == "base.img"

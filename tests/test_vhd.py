@@ -46,7 +46,7 @@ def test_reads_qemu_images(tmp_path, opts, size):
     peers.qemu_io(p, *cmds, fmt="vpc")
     assert registry.probe_format(str(p)) == "vhd"
     info = ops.info(str(p))
-    assert info["format"] == "vhd" and info["virtual-size"] == vsize
+    assert info["format"] == "vpc" and info["virtual-size"] == vsize  # qemu-img's driver name
     assert read_all(p) == peers.qemu_raw(p, tmp_path, "vpc")
     # vdtool's own convert of it agrees too
     out = tmp_path / "out.raw"
@@ -60,7 +60,7 @@ def test_fixed_is_never_raw(tmp_path):
     peers.qemu_io(p, "write -P 0x42 0 64K", fmt="vpc")
     assert registry.probe_format(str(p)) == "vhd"
     r = cli("info", "--output", "json", p, text=False)
-    assert r.returncode == 0 and b'"format": "vhd"' in r.stdout
+    assert r.returncode == 0 and b'"format": "vpc"' in r.stdout  # qemu-img's name for VHD
     with open_image(str(p)) as s:
         assert s.top.variant == "fixed" and s.virtual_size == peers.qemu_info(p, "vpc")["virtual-size"]
 
@@ -536,7 +536,7 @@ def test_check_cli_json(tmp_path):
     p = tmp_path / "k.vhd"
     _dynamic_with_data(p)
     r = cli("check", "--output", "json", p, text=False)
-    assert r.returncode == 0 and b'"format": "vhd"' in r.stdout
+    assert r.returncode == 0 and b'"format": "vpc"' in r.stdout  # qemu-img's name for VHD
 
 
 # -- bad input -----------------------------------------------------------------------------------------

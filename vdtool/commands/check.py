@@ -65,7 +65,9 @@ def command(file, fmt, repair, output, show_progress, quiet, force_share, parent
         err = VdError(str(e))
         err.exit_code = EXIT_NO_CHECK
         raise err from None
-    fmt_name = fmt or _format_of(file)
+    from vdtool.core.registry import qemu_driver_name
+
+    fmt_name = qemu_driver_name(result.format_name)  # as qemu-img names it: vpc for VHD
     if output == "json":
         for m in result.messages:
             if not quiet:
@@ -75,12 +77,6 @@ def command(file, fmt, repair, output, show_progress, quiet, force_share, parent
         click.echo("\n".join(text_report(result)))
     ctx = click.get_current_context()
     ctx.exit(result.exit_code)
-
-
-def _format_of(path: str) -> str:
-    from vdtool.core import registry
-
-    return registry.probe_format(path)
 
 
 def text_report(r) -> list:

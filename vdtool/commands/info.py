@@ -10,15 +10,16 @@ from vdtool.commands._common import (CONTEXT_SETTINGS, force_open_option, force_
 EPILOG = """\b
 Examples:
   vdtool info disk.qcow2
-  vdtool info --chain overlay.qcow2         # the overlay and every parent
+  vdtool info --backing-chain overlay.qcow2 # the overlay and every parent
   vdtool info --output json disk.vmdk | jq '.["virtual-size"]'"""
 
 
 @click.command("info", context_settings=CONTEXT_SETTINGS, epilog=EPILOG,
                short_help="Show what an image is: format, sizes, parent, ...")
 @format_option()
-@click.option("--chain", is_flag=True,
-              help="Report every image from FILE down to its base image (JSON: a list under 'chain').")
+@click.option("--backing-chain", "--chain", "chain", is_flag=True,
+              help="Report every image from FILE down to its base image (JSON: a list, top first, as "
+                   "qemu-img info --backing-chain).")
 @output_option
 @force_share_option
 @force_open_option
@@ -30,9 +31,13 @@ def command(file, fmt, chain, output, force_share, parent_search, untrusted, for
     Format, variant, virtual size, size on disk, cluster (block) size, UUID,
     parent (name, format, UUID) and whether it was found, dirty flag and
     format-specific fields.  A missing parent is reported, not an error.
-    JSON output uses qemu-img's key names (filename, format, virtual-size,
-    actual-size, cluster-size, backing-filename, ...), so scripts written for
-    'qemu-img info --output=json' keep working.
+    JSON output is qemu-img's: every key qemu-img info --output=json reports
+    (filename, format, virtual-size, actual-size, cluster-size, dirty-flag,
+    backing-filename, full-backing-filename, snapshots, format-specific ...)
+    has the same name, type and value, so scripts written for qemu-img keep
+    working; vdtool's own keys (variant, uuid, parent-uuid, parent-found,
+    external-references ...) come beside them.  "format" is qemu-img's
+    driver name, which -f takes too: vpc for VHD images.
 
     Images are locked as QEMU locks them (OFD locks on their lock bytes):
     one that a running VM or qemu-img holds for writing is refused ("in
@@ -48,6 +53,6 @@ def command(file, fmt, chain, output, force_share, parent_search, untrusted, for
     if output == "json":
         print_json(result)
         return
-    images = result["chain"] if chain else [result]
+    images = result if chain else [result]
     blocks = ["\n".join(human_lines(d)) for d in images]
     click.echo("\n\n".join(blocks))

@@ -13,9 +13,9 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
-from vdtool.core.errors import NotSupported, ReadOnlyError, UsageError, VdError
+from vdtool.core.errors import NotSupported, ReadOnlyError, UnsupportedFeature, UsageError, VdError
 from vdtool.core.progress import NO_PROGRESS, Progress
 
 
@@ -23,6 +23,22 @@ class Status(enum.IntEnum):
     UNALLOCATED = 0  # not in this image: the parent's data shows through
     ZERO = 1  # reads as zeros, whatever the parent holds
     DATA = 2  # this image holds the data
+
+
+class MapExtent(NamedTuple):
+    """Where a run of guest bytes lives (``map_extent``): qemu-img map's facts
+    for one image.  ``status`` as block_status; ``offset``: the run's host
+    offset in ``file`` (None where there is none: compressed, zero or
+    unallocated data, or a backend that cannot tell); ``zero``: DATA known
+    to read as zeros (a hole in the file under allocated or flat data);
+    ``file``: the file ``offset`` is in (None: the image's own file)."""
+
+    status: "Status"
+    length: int
+    offset: Optional[int] = None
+    compressed: bool = False
+    zero: bool = False
+    file: Optional[str] = None
 
 
 class Cap(enum.Flag):
@@ -130,6 +146,7 @@ class CheckResult:
     # image the child recorded): a check error, as qemu-img's "Could not
     # open backing file" is; reported in JSON as "chain-error".
     chain_error: Optional[str] = None
+    format_name: Optional[str] = None  # the format the image was checked as (vdtool's name)
 
     # Every format reports in the same words: "ERROR: ..." for corruption
     # and check errors, "Repairing: ..." for corruption being repaired,
@@ -191,6 +208,21 @@ class CheckResult:
         return 0
 
 
+class MeasureSource:
+    """What ``ImageBackend.measure`` asks of an image being measured (the
+    op gives a stack-backed one, vdtool.core.measure.StackSource)."""
+
+    def data_blocks(self, block: int) -> int:
+        """How many ``block``-byte blocks convert would write: those holding
+        any non-zero byte."""
+        raise NotImplementedError
+
+    def bitmaps_size(self, cluster_size: int) -> Optional[int]:
+        """Bytes qcow2 needs for the image's persistent bitmaps at
+        ``cluster_size``; None when the image cannot have any."""
+        return None
+
+
 def zeros_reader(offset: int, length: int) -> bytes:
     return bytes(length)
 
@@ -204,6 +236,7 @@ class ImageBackend:
     capabilities: ClassVar[Cap] = Cap.NONE
     variants: ClassVar[tuple] = ()  # first is the default
     options: ClassVar[tuple] = ()  # FormatOption, for -o
+    amend_options: ClassVar[tuple] = ()  # FormatOption, for amend -o (what can change in place)
 
     def __init__(self, file):
         self.file = file  # vdtool.core.fileio.ImageFile
@@ -261,6 +294,24 @@ class ImageBackend:
         raise NotSupported("create", cls.name)
 
     @classmethod
+    def measure(cls, size: int, source: Optional["MeasureSource"], *, variant: Optional[str] = None,
+                block_size: Optional[int] = None, options: Optional[dict] = None) -> dict:
+        """How big a new image of ``size`` bytes would be (qemu-img measure):
+        ``{"required": N, "fully-allocated": N}`` in bytes of files, plus
+        qemu's ``"bitmaps"`` where the format stores persistent bitmaps.
+        ``required`` is the size of what ``create`` (``source`` None) or
+        ``convert`` from ``source`` writes with this variant, block size and
+        ``options`` (the ``-o`` strings, checked as create checks them);
+        ``fully-allocated`` is the size with every block allocated."""
+        raise NotSupported("measure", cls.name)
+
+    def persistent_bitmaps(self) -> Optional[list]:
+        """The image's persistent dirty bitmaps as ``(name, granularity)``
+        pairs (qemu-img measure's ``bitmaps``), ``[]`` for none, or None
+        where the format (or this version of it) cannot store any."""
+        return None
+
+    @classmethod
     def parse_options(cls, pairs: dict) -> dict:
         """Turn ``-o`` strings into typed values; unknown keys are usage errors."""
         known = {o.name: o for o in cls.options}
@@ -307,6 +358,13 @@ class ImageBackend:
     def block_status(self, offset: int, length: int) -> tuple:
         """(Status, n) for the run starting at ``offset``; 0 < n <= length."""
         raise NotImplementedError
+
+    def map_extent(self, offset: int, length: int) -> MapExtent:
+        """block_status with where the data lives (qemu-img map): a MapExtent
+        for the run at ``offset``, 0 < length <= ``length``.  The default
+        knows no host offsets; formats that can tell override it."""
+        status, n = self.block_status(offset, length)
+        return MapExtent(status, n)
 
     def readinto(self, offset: int, buf) -> None:
         """Fill ``buf`` with the data at ``offset``; the range lies inside what
@@ -364,6 +422,19 @@ class ImageBackend:
     def compact(self, progress: Progress = NO_PROGRESS) -> None:
         raise NotSupported("compact", self.name, self.path)
 
+    # -- internal snapshots (qemu-img snapshot) -------------------------------
+    def snapshot_list(self) -> Optional[list]:
+        """The internal snapshots as qemu-img info lists them (id, name,
+        vm-state-size, date-sec, date-nsec, vm-clock-sec, vm-clock-nsec,
+        icount); None when the format has no internal snapshots."""
+        return None
+
+    def snapshot_change(self, action: str, name: str) -> dict:
+        """``action`` 'create', 'apply' or 'delete' the snapshot ``name``
+        (apply looks up an id first, then a name; delete a name, as qemu-img
+        does); returns the snapshot as snapshot_list shows it."""
+        raise UnsupportedFeature(f"{self.name} images have no internal snapshots", self.path)
+
     # -- check (a template method: formats implement _check) ------------------
     def check(self, repair: Optional[str] = None, progress: Progress = NO_PROGRESS) -> CheckResult:
         """Check the image's metadata; ``repair`` is None, 'leaks' or 'all'.
@@ -414,6 +485,34 @@ class ImageBackend:
     def set_parent(self, parent: Optional[ParentSpec]) -> None:
         """Rewrite the parent reference (rebase, merge into child)."""
         raise NotSupported("changing the parent", self.name, self.path)
+
+    # -- amend (qemu-img amend) ------------------------------------------------
+    @classmethod
+    def parse_amend_options(cls, pairs: dict, path: Optional[str] = None) -> dict:
+        """The ``amend -o`` strings as typed values (only the keys given).
+        As qemu-img amend, a bad key or value is an error with exit status
+        1; a creation-only option says so."""
+        known = {o.name: o for o in cls.amend_options}
+        if not known:
+            raise NotSupported("option amendment", cls.name, path)
+        out = {}
+        for key, value in pairs.items():
+            if key not in known:
+                why = (" (this option is only supported for image creation)"
+                       if any(o.name == key for o in cls.options) else "")
+                raise VdError(f"invalid {cls.name} amend option {key!r}{why}; valid options: "
+                              f"{', '.join(sorted(known))}", path)
+            try:
+                out[key] = known[key].parse(value, cls.name)
+            except UsageError as e:
+                raise VdError(str(e), path) from None
+        return out
+
+    def amend(self, options: dict, progress: Progress = NO_PROGRESS) -> list:
+        """Change in place what ``options`` (from parse_amend_options) ask,
+        crash-safe, and return what changed as (key, old, new) tuples.
+        Formats that can declare ``amend_options`` and override this."""
+        raise NotSupported("option amendment", self.name, self.path)
 
     def actual_size(self) -> int:
         return self.file.allocated_size()

@@ -21,6 +21,7 @@ def check(path: str, fmt: Optional[str] = None, *, repair: Optional[str] = None,
                        options={"check": True, "repair": bool(repair), "force": force})
     try:
         result = img.check(repair, progress=progress.sub(0, 95))
+        result.format_name = img.name
         if repair:
             img.flush()
         parent = img.parent

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
-from vdtool.core.stack import open_image, resolve_parent_path
+from vdtool.core.registry import canonical_name, qemu_driver_name
+from vdtool.core.stack import check_parent_identity, open_image
 
 
-def image_info(layer, parent_path: Optional[str] = None, parent_found: Optional[bool] = None) -> dict:
+def image_info(layer, parent_path: Optional[str] = None, parent_found: Optional[bool] = None,
+               shown_name: Optional[str] = None) -> dict:
+    """One image's facts under qemu-img's keys (same names, types and values
+    where qemu-img reports the same fact), vdtool's own keys beside them.
+    ``shown_name``: the file name as qemu-img shows it (as given on the
+    command line, or as the child's full-backing-filename)."""
+    name = shown_name or layer.path
     d: dict = {
-        "filename": layer.path,
-        "format": layer.name,
+        "filename": name,
+        # qemu-img's driver name (vpc for VHD), which vdtool's -f takes too
+        "format": qemu_driver_name(layer.name),
         "virtual-size": layer.virtual_size,
         "actual-size": layer.actual_size(),
     }
@@ -18,6 +27,9 @@ def image_info(layer, parent_path: Optional[str] = None, parent_found: Optional[
         d["cluster-size"] = layer.block_size
     specific = dict(layer.info() or {})
     dirty = specific.pop("dirty-flag", None)
+    snapshots = specific.pop("snapshots", None)
+    if snapshots:
+        d["snapshots"] = snapshots  # qemu-img lists them at the top level
     variant = layer.variant
     if variant:
         d["variant"] = variant
@@ -25,46 +37,64 @@ def image_info(layer, parent_path: Optional[str] = None, parent_found: Optional[
         d["uuid"] = layer.uuid
     ref = layer.parent
     if ref is not None:
-        if ref.filename:
-            d["backing-filename"] = ref.filename
-            d["full-backing-filename"] = parent_path or resolve_parent_path(layer.path, ref) or ref.filename
-        if ref.format:
-            d["backing-filename-format"] = ref.format
-        if ref.uuid:
-            d["parent-uuid"] = ref.uuid
-            if not ref.filename and parent_path:
-                # named by UUID only (VDI): say where it was found
-                d["full-backing-filename"] = parent_path
-        if parent_found is not None:
-            d["parent-found"] = parent_found
+        _parent_keys(d, layer, ref, name, parent_path, parent_found)
     refs = layer.external_references()
     if refs:
         d["external-references"] = refs
-    if dirty is not None:
-        d["dirty-flag"] = bool(dirty)
+    d["dirty-flag"] = bool(dirty)  # qemu-img always reports it
     if specific:
         d["format-specific"] = {"type": layer.name, "data": specific}
     return d
 
 
+def _parent_keys(d: dict, layer, ref, name: str, parent_path: Optional[str], parent_found: Optional[bool]) -> None:
+    if ref.filename:
+        d["backing-filename"] = ref.filename
+        d["full-backing-filename"] = full_backing_name(name, ref.filename)
+    if ref.format:
+        d["backing-filename-format"] = ref.format
+    if ref.uuid:
+        d["parent-uuid"] = ref.uuid
+        if not ref.filename and parent_path:
+            # named by UUID only (VDI): say where it was found
+            d["full-backing-filename"] = parent_path
+    if ref.filename and parent_path and os.path.abspath(parent_path) != os.path.abspath(d["full-backing-filename"]):
+        d["parent-path"] = parent_path  # found elsewhere (--parent-search, a VHD locator...)
+    if parent_found is not None:
+        d["parent-found"] = parent_found
+
+
+def full_backing_name(child_name: str, backing: str) -> str:
+    """The parent's name as qemu-img shows it: an absolute name as is, a
+    relative one joined to the folder of the child's name as given."""
+    if os.path.isabs(backing):
+        return backing
+    folder = os.path.dirname(child_name)
+    return os.path.join(folder, backing) if folder else backing
+
+
 def info(path: str, fmt: Optional[str] = None, *, chain: bool = False, parent_search=(),
-         force: bool = False, untrusted: bool = False, force_share: bool = False) -> dict:
-    """One image's facts, or with ``chain`` ``{"chain": [top, ..., base]}``."""
+         force: bool = False, untrusted: bool = False, force_share: bool = False):
+    """One image's facts (a dict), or with ``chain`` a list of them from
+    ``path`` down to the base image, as ``qemu-img info --backing-chain``."""
     stack = open_image(path, fmt, parent_search=parent_search, force=force, allow_mismatch=True,
                        allow_missing_parent=True,
                        chain=True, untrusted=untrusted, force_share=force_share)
     try:
         layers = list(reversed(stack.layers))  # top first
         out = []
+        shown = path
         for i, layer in enumerate(layers):
             below = layers[i + 1] if i + 1 < len(layers) else None
             found = None
             if layer.parent is not None:
                 found = below is not None
-            d = image_info(layer, below.path if below is not None else None, found)
-            if below is not None and layer.parent and layer.parent.uuid and below.uuid \
-                    and layer.parent.uuid != below.uuid:
-                d["parent-uuid-mismatch"] = below.uuid
+            d = image_info(layer, below.path if below is not None else None, found, shown)
+            mismatch = check_parent_identity(layer, below, layer.parent) if below is not None else None
+            if mismatch:
+                d["parent-mismatch"] = mismatch
+                if layer.parent.uuid and below.uuid and layer.parent.uuid.lower() != below.uuid.lower():
+                    d["parent-uuid-mismatch"] = below.uuid
             if found is False and stack.missing_reason:
                 d["parent-problem"] = stack.missing_reason
             if i == 0 and stack.warnings:
@@ -72,9 +102,8 @@ def info(path: str, fmt: Optional[str] = None, *, chain: bool = False, parent_se
             out.append(d)
             if not chain:
                 break
-        if chain:
-            return {"chain": out}
-        return out[0]
+            shown = d.get("full-backing-filename") or (below.path if below is not None else None)
+        return out if chain else out[0]
     finally:
         stack.close()
 
@@ -83,7 +112,7 @@ def human_lines(d: dict) -> list:
     """Text rendering of one image's info."""
     from vdtool.core.sizes import format_size
 
-    lines = [f"image: {d['filename']}", f"file format: {d['format']}"]
+    lines = [f"image: {d['filename']}", f"file format: {canonical_name(d['format'])}"]
     if "variant" in d:
         lines.append(f"variant: {d['variant']}")
     lines.append(f"virtual size: {format_size(d['virtual-size'])} ({d['virtual-size']} bytes)")
@@ -104,27 +133,27 @@ def human_lines(d: dict) -> list:
             lines.append(f"parent found at: {d['full-backing-filename']}")
     if d.get("parent-found") is False:
         lines.append(f"parent: NOT FOUND ({d.get('parent-problem', 'missing')})")
-    if "parent-uuid-mismatch" in d:
-        lines.append(f"parent: UUID MISMATCH (found {d['parent-uuid-mismatch']})")
+    if "parent-path" in d:
+        lines.append(f"parent found at: {d['parent-path']}")
+    if "parent-mismatch" in d:
+        lines.append(f"parent: MISMATCH ({d['parent-mismatch']})")
     if d.get("dirty-flag"):
         lines.append("dirty flag: yes")
+    snaps = d.get("snapshots")
+    if snaps:
+        import time
+
+        lines.append("Snapshot list:")
+        lines.append(f"{'ID':<8}{'TAG':<20}{'VM SIZE':>10}  {'DATE':<20}")
+        for snap in snaps:
+            date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.get("date-sec", 0)))
+            lines.append(f"{str(snap.get('id', '')):<8}{str(snap.get('name', '')):<20}"
+                         f"{format_size(snap.get('vm-state-size', 0)):>10}  {date}")
     spec = d.get("format-specific")
     if spec:
         lines.append("Format specific information:")
         for key, value in spec["data"].items():
-            if key == "snapshots":
-                continue
             lines += _nested_lines(key, value, 4)
-        snaps = spec["data"].get("snapshots")
-        if snaps:
-            lines.append("Snapshot list:")
-            lines.append(f"{'ID':<8}{'TAG':<20}{'VM SIZE':>10}  {'DATE':<20}")
-            import time
-
-            for s in snaps:
-                date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.get("date-sec", 0)))
-                lines.append(f"{str(s.get('id', '')):<8}{str(s.get('name', '')):<20}"
-                             f"{format_size(s.get('vm-state-size', 0)):>10}  {date}")
     if d.get("external-references"):
         lines.append("external references: " + ", ".join(d["external-references"]))
     return lines

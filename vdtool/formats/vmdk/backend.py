@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, ParentRef, ParentSpec, Status
+from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentRef, ParentSpec, Status
 from vdtool.core.bytesutil import zeros
 from vdtool.core.errors import NotSupported, ReadOnlyError, VdError
 from vdtool.core.fileio import ImageFile
@@ -58,6 +58,11 @@ class VmdkBackend(ImageBackend):
         FormatOption("toolsversion", str, "2147483647", "VMware guest tools version (ddb.toolsVersion)"),
         FormatOption("zeroed_grain", bool, False, "zeroed-grain table entries for efficient zero writes"),
         FormatOption("uuid", str, None, "image UUID (ddb.uuid.image)"),
+    )
+    amend_options = (
+        FormatOption("adapter_type", str, None, "virtual adapter (ddb.adapterType); the geometry follows: 16 "
+                                                "heads for ide, 255 for the SCSI adapters", ADAPTERS),
+        FormatOption("hwversion", str, None, "VMware virtual hardware version (ddb.virtualHWVersion), 1 to 99"),
     )
 
     def __init__(self, file: ImageFile):
@@ -126,7 +131,8 @@ class VmdkBackend(ImageBackend):
 
     def info(self) -> dict:
         desc = self.disk.desc
-        d = {"create-type": desc.get("createType"), "cid": self.cid, "parent-cid": self.parent_cid}
+        # qemu-img reports the CIDs as integers
+        d = {"cid": _cid_int(self.cid), "parent-cid": _cid_int(self.parent_cid), "create-type": desc.get("createType")}
         for key, name in (("ddb.adapterType", "adapter-type"), ("ddb.virtualHWVersion", "hw-version"),
                           ("ddb.longContentID", "long-content-id"), ("ddb.toolsVersion", "tools-version")):
             v = desc.get(key)
@@ -144,9 +150,13 @@ class VmdkBackend(ImageBackend):
         extents = self.disk.extents
         lines = self.disk.desc.extents if self.disk.desc_home == "file" else [None] * len(extents)
         for el, e in zip(lines, extents):
-            x = {"type": e.kind, "virtual-size": e.size}
+            # "format": the descriptor's extent type, "" where the descriptor is
+            # embedded in the extent (qemu-img's convention)
+            x = {"type": e.kind, "virtual-size": e.size, "format": el.type if el is not None else ""}
             if e.path:
-                x["filename"] = el.filename if el is not None else os.path.basename(e.path)
+                # as qemu-img names it: the extent beside the image's name as given
+                x["filename"] = os.path.join(os.path.dirname(self.path), el.filename) if el is not None \
+                    else self.path
             if isinstance(e, SparseExtent):
                 x.update({"version": e.version, "cluster-size": e.grain_bytes, "compressed": e.compressed,
                           "zeroed-grain": e.zero_grain})
@@ -185,6 +195,18 @@ class VmdkBackend(ImageBackend):
         start = disk.starts[i]
         n = min(length, start + e.size - offset)
         return e.block_status(offset - start, n)
+
+    def map_extent(self, offset: int, length: int) -> MapExtent:
+        """The extent's answer; host offsets are in the extent's file."""
+        self._refuse_reads_while_streaming()
+        size = self.virtual_size
+        if offset >= size or length <= 0:
+            return MapExtent(Status.ZERO, max(length, 1))
+        disk = self.disk
+        i = disk.locate(offset)
+        start = disk.starts[i]
+        e = disk.extents[i]
+        return e.map_extent(offset - start, min(length, start + e.size - offset))
 
     def readinto(self, offset: int, buf) -> None:
         self._refuse_reads_while_streaming()
@@ -313,6 +335,14 @@ class VmdkBackend(ImageBackend):
             self._closed = True
             self.disk.close_files()
 
+    # == amend ========================================================================
+    def amend(self, options: dict, progress: Progress = NO_PROGRESS) -> list:
+        from vdtool.formats.vmdk.amend import amend  # when used
+
+        if not self.writable:
+            raise ReadOnlyError("image is opened read-only", self.path)
+        return amend(self.disk, options, self.path)
+
     # == parent =======================================================================
     def set_parent(self, parent: Optional[ParentSpec]) -> None:
         if not self.writable:
@@ -355,6 +385,14 @@ class VmdkBackend(ImageBackend):
         img.disk = disk
         return img
 
+    @classmethod
+    def measure(cls, size: int, source, *, variant: Optional[str] = None, block_size: Optional[int] = None,
+                options: Optional[dict] = None) -> dict:
+        from vdtool.formats.vmdk.create import measure
+
+        return measure(size, source, variant=variant, block_size=block_size, options=options,
+                       variants=cls.variants, format_options=cls.options)
+
     def resize(self, new_size: int) -> None:
         from vdtool.formats.vmdk.resize import resize_disk
 
@@ -385,3 +423,8 @@ class VmdkBackend(ImageBackend):
         check_disk(self.disk, res, repair, progress)
         if self.writable:
             self.flush()
+
+
+def _cid_int(text: str) -> Optional[int]:
+    """A CID as the integer qemu-img reports (None for a malformed one)."""
+    return int(text, 16) if is_hex32(text) else None
