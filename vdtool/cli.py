@@ -17,7 +17,7 @@ import click
 from vdtool import __version__
 from vdtool.core.errors import Terminated
 
-COMMANDS = ("create", "info", "convert", "compact", "resize", "merge", "discard", "check", "rebase")
+COMMANDS = ("create", "info", "convert", "compact", "resize", "merge", "discard", "check", "rebase", "measure", "checksum", "amend", "snapshot", "map", "compare")
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
@@ -73,6 +73,13 @@ def _install_stop_signals() -> None:
                 signal.signal(sig, _raise_terminated)
         except (ValueError, OSError):  # not the main thread (an embedding program)
             pass
+    # SIGUSR1 asks a long operation for a progress line (vdtool.progressbar);
+    # before or between operations it must not kill vdtool (its default)
+    try:
+        if hasattr(signal, "SIGUSR1") and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    except (ValueError, OSError):
+        pass
 
 
 class LazyGroup(click.Group):
@@ -87,6 +94,18 @@ class LazyGroup(click.Group):
             return None
         module = importlib.import_module(f"vdtool.commands.{name}")
         return module.command
+
+    def parse_args(self, ctx, args):
+        # --progress=MODE: -p/--progress is a flag (a flag that took an
+        # optional value would swallow the next argument: "-p SRC DST"), so
+        # the valued form is handed to the hidden --progress-mode option
+        out = []
+        for i, a in enumerate(args):
+            if a == "--":
+                out += args[i:]
+                break
+            out.append("--progress-mode=" + a[len("--progress="):] if a.startswith("--progress=") else a)
+        return super().parse_args(ctx, out)
 
     def invoke(self, ctx):
         debug = bool(ctx.params.get("debug"))

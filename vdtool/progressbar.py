@@ -4,8 +4,10 @@
 ``vdtool.core.progress.Progress`` for an op.  Its callback
 
 - draws a bar on stderr (percentage, bytes done of the current phase, rate,
-  ETA) when stderr is a terminal or ``force`` (``-p``) is given, never when
-  ``quiet`` (``-q``);
+  ETA) when stderr is a terminal; with ``-p`` and no terminal (or a
+  terminal without columns) prints qemu-img's ``(NN.NN/100%)`` lines;
+  with ``--progress=json`` one JSON object a line; nothing with ``-q``;
+- prints one line on SIGUSR1 whatever was chosen;
 - stops the op at its next progress report after a first Ctrl-C by raising
   ``OperationCancelled`` (ops stop cleanly from there: no half-written
   output under the final name); a second Ctrl-C interrupts at once.
@@ -74,6 +76,13 @@ class _Bar:
         if delta > 0:
             t.update(delta)
 
+    def report(self) -> None:
+        """SIGUSR1: the bar is there already; draw it now."""
+        try:
+            self._tqdm.refresh()
+        except Exception:
+            pass
+
     def close(self, ok: bool) -> None:
         try:
             if ok and self._tqdm.n < 100:
@@ -81,6 +90,148 @@ class _Bar:
             self._tqdm.close()
         except Exception:  # a bar must never turn success into failure
             pass
+
+
+class _QemuLines:
+    """qemu-img -p's form, ``    (45.34/100%)`` rewritten in place with a
+    carriage return, a newline at the end: what KubeVirt's importer and
+    Proxmox parse from qemu-img, so their parsers read vdtool's too.  Used
+    for -p when stderr is not a terminal, and when a terminal has no
+    columns to draw a bar in."""
+
+    def __init__(self, stream, silent: bool = False):
+        self._stream = stream
+        self._silent = silent  # only SIGUSR1 prints (-q, or no terminal and no -p)
+        self._shown = 0.0
+        if not silent:
+            self._write(self.line(0.0) + "\r")  # qemu-img starts with (0.00/100%)
+
+    def line(self, percent: float) -> str:
+        return f"    ({percent:.2f}/100%)"
+
+    def update(self, percent: float, done: int, total: int) -> None:
+        if percent - self._shown >= 0.01:  # qemu-img prints at each 0.01 step
+            self._shown = percent
+            if not self._silent:
+                self._write(self.line(percent) + "\r")
+
+    def _write(self, text: str) -> None:
+        try:
+            self._stream.write(text)
+            self._stream.flush()
+        except Exception:  # a report must never turn success into failure
+            pass
+
+    def report(self) -> None:
+        """One line now (SIGUSR1)."""
+        self._write(self.line(self._shown) + "\n")
+
+    def close(self, ok: bool) -> None:
+        if ok:
+            self._shown = 100.0
+        if not self._silent:
+            self._write(self.line(self._shown) + "\r\n")  # as qemu-img ends
+
+
+class _JsonLines:
+    """``--progress=json``: one JSON object a line, at most ``per_second``
+    a second plus the last: op, done and total (bytes of the current
+    phase), percent (of the whole operation), rate (bytes/s in the phase),
+    eta and elapsed (seconds)."""
+
+    def __init__(self, op: str, stream, per_second: float = 4.0, silent: bool = False):
+        self._op = op
+        self._stream = stream
+        self._silent = silent
+        self._gap = 1.0 / per_second
+        self._start = time.monotonic()
+        self._phase = (0, time.monotonic())  # (total, started)
+        self._state = (0.0, 0, 0)
+        self._last = -1.0
+
+    def update(self, percent: float, done: int, total: int) -> None:
+        if total != self._phase[0] or done < self._state[1]:
+            self._phase = (total, time.monotonic())
+        self._state = (percent, done, total)
+        now = time.monotonic()
+        if now - self._last >= self._gap and not self._silent:
+            self._last = now
+            self._emit(now)
+
+    def _emit(self, now: float, final: bool = False) -> None:
+        import json
+
+        percent, done, total = self._state
+        elapsed = now - self._start
+        in_phase = now - self._phase[1]
+        rate = int(done / in_phase) if in_phase > 0.05 and done else 0
+        eta = round(elapsed * (100.0 - percent) / percent, 1) if 0 < percent < 100 else (0.0 if percent >= 100 else None)
+        doc = {"op": self._op, "done": done, "total": total, "percent": round(percent, 2), "rate": rate,
+               "eta": eta, "elapsed": round(elapsed, 3)}
+        if final:
+            doc["final"] = True
+        try:
+            self._stream.write(json.dumps(doc) + "\n")
+            self._stream.flush()
+        except Exception:
+            pass
+
+    def report(self) -> None:
+        self._emit(time.monotonic())
+
+    def close(self, ok: bool) -> None:
+        if ok:
+            percent, done, total = self._state
+            self._state = (100.0, max(done, total), total)
+        if not self._silent:
+            self._emit(time.monotonic(), final=True)
+
+
+def _terminal_columns(stream) -> int:
+    try:
+        import os
+
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def _reporter(label: str, op: str, mode: str | None, stream, quiet: bool):
+    """The reporter for ``mode``: "bar" (a tqdm bar; qemu-img's lines where
+    the terminal has no columns), "qemu" or "json"; silent (reporting only
+    on SIGUSR1) when ``quiet`` or no mode."""
+    silent = quiet or mode is None
+    if mode == "json":
+        return _JsonLines(op, stream, silent=silent)
+    if mode == "bar" and not silent and _terminal_columns(stream) > 0:
+        return _Bar(label, stream)
+    return _QemuLines(stream, silent=silent)
+
+
+class _ReportOnUsr1:
+    """SIGUSR1 prints one progress line on stderr (what ``dd`` does with
+    SIGUSR1, and what Incus asked of qemu-img), with or without a bar."""
+
+    def __init__(self, reporter):
+        self._reporter = reporter
+        self._previous = None
+
+    def __enter__(self):
+        sig = getattr(signal, "SIGUSR1", None)
+        if sig is not None and threading.current_thread() is threading.main_thread():
+            try:
+                self._previous = signal.signal(sig, lambda signum, frame: self._reporter.report())
+            except (ValueError, OSError):
+                self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            try:
+                signal.signal(signal.SIGUSR1, self._previous)
+            except (ValueError, OSError):
+                pass
+        return False
 
 
 # Signals that stop an operation at its next safe point (a progress report:
@@ -154,24 +305,29 @@ def _stderr_isatty() -> bool:
 
 
 @contextmanager
-def operation(label: str, *, quiet: bool = False, force: bool = False):
+def operation(label: str, *, quiet: bool = False, force: bool = False, mode: str | None = None,
+              op: str | None = None):
+    """The Progress context of one long operation.  ``mode``: "json" (JSON
+    lines), "qemu" (qemu-img's ``(NN.NN/100%)`` lines) or "bar"; None: a bar
+    when stderr is a terminal, or with ``force`` (-p) qemu-img's lines when
+    it is not.  ``quiet`` (-q) reports nothing, but SIGUSR1 still prints a
+    line.  ``op`` names the operation in JSON lines (default: ``label``)."""
     from vdtool.core.progress import Progress
 
-    show = not quiet and (force or _stderr_isatty())
-    bar = _Bar(label, sys.stderr) if show else None
+    if mode is None and (force or _stderr_isatty()):
+        mode = "bar" if _stderr_isatty() else "qemu"
+    reporter = _reporter(label, op or label.lower(), mode, sys.stderr, quiet)
     cancel = _CancelOnSignal()
 
     def callback(percent: float, done: int, total: int) -> None:
         if cancel.requested and percent < 100:
             raise cancel.cancelled()
-        if bar is not None:
-            bar.update(percent, done, total)
+        reporter.update(percent, done, total)
 
     ok = False
     try:
-        with cancel:
+        with cancel, _ReportOnUsr1(reporter):
             yield Progress(callback)
         ok = True
     finally:
-        if bar is not None:
-            bar.close(ok)
+        reporter.close(ok)

@@ -194,12 +194,28 @@ def force_share_option(f):
                              "vdtool takes and tests QEMU's lock bytes on every image file.")(f)
 
 
+PROGRESS_MODES = ("bar", "qemu", "json")
+PROGRESS_ENV = "VDTOOL_PROGRESS"
+
+
+def _keep_progress_mode(ctx, param, value):
+    if value:
+        ctx.meta["vdtool.progress_mode"] = value
+    return value
+
+
 def progress_options(f):
     return _compose(
         click.option("-p", "--progress", "show_progress", is_flag=True,
-                     help="Show a progress bar on stderr even when stderr is not a terminal."),
+                     help="Show progress on stderr even when stderr is not a terminal (then as qemu-img "
+                          "-p prints it: (NN.NN/100%)). --progress=json: one JSON object a line "
+                          "(op, done, total, percent, rate, eta, elapsed), also VDTOOL_PROGRESS=json. "
+                          "SIGUSR1 prints one progress line at any time."),
+        # --progress=MODE arrives here (vdtool.cli rewrites it: click's flags take no value)
+        click.option("--progress-mode", type=click.Choice(PROGRESS_MODES), hidden=True, expose_value=False,
+                     callback=_keep_progress_mode),
         click.option("-q", "--quiet", is_flag=True,
-                     help="Print nothing but errors (no progress bar, no confirmation)."),
+                     help="Print nothing but errors (no progress, no confirmation)."),
     )(f)
 
 
@@ -318,9 +334,18 @@ def print_json(doc) -> None:
 
 
 def long_operation(label: str, *, quiet: bool, show_progress: bool):
-    """The Progress context for an op: a bar on stderr when wanted, and a
-    Ctrl-C that stops the op at its next safe point."""
+    """The Progress context for an op: progress on stderr as asked (-p,
+    --progress=MODE, VDTOOL_PROGRESS), SIGUSR1 reports, and a Ctrl-C or
+    SIGTERM that stops the op at its next safe point."""
+    import os
+
     from vdtool.progressbar import operation
 
-    return operation(label, quiet=quiet, force=show_progress)
+    ctx = click.get_current_context(silent=True)
+    mode = ctx.meta.get("vdtool.progress_mode") if ctx is not None else None
+    env = os.environ.get(PROGRESS_ENV, "").strip().lower()
+    if mode is None and env in PROGRESS_MODES:
+        mode = env
+    op = ctx.info_name if ctx is not None and ctx.info_name else label.lower()
+    return operation(label, quiet=quiet, force=show_progress, mode=mode, op=op)
 
