@@ -101,7 +101,19 @@ def test_no_command_is_a_usage_error(tmp_path):
 
 def test_unknown_command(tmp_path):
     proc = vd(tmp_path, "frobnicate", expect=2)
-    assert "No such command" in proc.stderr
+    assert proc.stderr.startswith("vdtool: error: no such command 'frobnicate'") and proc.stderr.count("\n") == 1
+
+
+def test_usage_errors_are_one_line_with_a_hint(tmp_path):
+    proc = vd(tmp_path, "conver", "a", "b", expect=2)
+    assert proc.stderr.count("\n") == 1 and "did you mean 'convert'?" in proc.stderr
+    proc = vd(tmp_path, "create", "-f", "qcw2", "x.img", "1M", expect=2)
+    assert proc.stderr.count("\n") == 1 and "did you mean 'qcow2'?" in proc.stderr
+    assert "(see 'vdtool create --help')" in proc.stderr
+    proc = vd(tmp_path, "info", "--outptu", "json", "x", expect=2)
+    assert proc.stderr.startswith("vdtool: error: No such option '--outptu'") and "Did you mean" in proc.stderr
+    proc = vd(tmp_path, "create", "x.img", "10GB", expect=2)
+    assert "ambiguous" in proc.stderr and "10G or 10GiB" in proc.stderr and not (tmp_path / "x.img").exists()
 
 
 @pytest.mark.parametrize("name", COMMANDS)

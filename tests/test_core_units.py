@@ -28,7 +28,7 @@ K, M, G, T = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
 @pytest.mark.parametrize("text,value", [
     ("0", 0), ("512", 512), ("64K", 64 * K), ("64k", 64 * K), ("10G", 10 * G), ("1.5T", 3 * T // 2),
-    ("4MiB", 4 * M), ("4mib", 4 * M), ("4M", 4 * M), ("4MB", 4 * M), ("1.5K", 1536), ("0.5M", 512 * K),
+    ("4MiB", 4 * M), ("4mib", 4 * M), ("4M", 4 * M), ("1.5K", 1536), ("0.5M", 512 * K),
     (" 2G ", 2 * G), ("1P", 1 << 50), ("1E", 1 << 60), ("7B", 7), ("7b", 7), (".5K", 512), (4096, 4096),
 ])
 def test_parse_size_good(text, value):
@@ -42,6 +42,13 @@ def test_parse_size_good(text, value):
 def test_parse_size_bad(text):
     with pytest.raises(UsageError):
         parse_size(text)
+
+
+@pytest.mark.parametrize("text,hint", [("10GB", "10G or 10GiB"), ("4MB", "4M or 4MiB"), ("1.5 tb", "1.5T or 1.5TiB")])
+def test_decimal_looking_suffixes_are_refused_with_a_hint(text, hint):
+    with pytest.raises(UsageError, match="ambiguous") as ei:
+        parse_size(text)
+    assert hint in str(ei.value)
 
 
 def test_parse_relative_size():

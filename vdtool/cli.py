@@ -54,6 +54,13 @@ def _notice(text: str) -> None:
         pass
 
 
+def _did_you_mean(word: str, choices) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _raise_terminated(signum, frame):
     # once is enough: a second signal must not interrupt the cleanup
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -94,6 +101,38 @@ class LazyGroup(click.Group):
             return None
         module = importlib.import_module(f"vdtool.commands.{name}")
         return module.command
+
+    def resolve_command(self, ctx, args):
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            hint = _did_you_mean(name, COMMANDS)
+            raise click.UsageError(f"no such command {name!r}{hint}; the commands are {', '.join(COMMANDS)}",
+                                   ctx)
+        return super().resolve_command(ctx, args)
+
+    def main(self, args=None, prog_name=None, **extra):
+        """Usage errors as one line too: ``vdtool: error: MESSAGE (see
+        'vdtool COMMAND --help')``, exit status 2."""
+        try:
+            rv = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare "vdtool": the help, as click gives it
+                click.echo(e.format_message())
+                sys.exit(e.exit_code)
+            names = []
+            c = e.ctx
+            while c is not None and c.parent is not None:
+                names.insert(0, c.info_name)
+                c = c.parent
+            _error(f"{e.format_message()} (see '{' '.join(['vdtool', *names])} --help')")
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            _error(e.format_message())
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            _error("aborted")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def parse_args(self, ctx, args):
         # --progress=MODE: -p/--progress is a flag (a flag that took an

@@ -95,7 +95,11 @@ def canonical_name(name: str) -> str:
     n = name.strip().lower()
     n = ALIASES.get(n, n)
     if n not in ALL_FORMATS and n not in BUILTIN and n not in _plugin_specs():
-        raise UsageError(f"unknown format {name!r}; known formats: {', '.join(ALL_FORMATS)} (vpc = vhd)")
+        import difflib
+
+        close = difflib.get_close_matches(n, [*ALL_FORMATS, *ALIASES], n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"unknown format {name!r}{hint}; known formats: {', '.join(ALL_FORMATS)} (vpc = vhd)")
     return n
 
 

@@ -23,6 +23,12 @@ def parse_size(text: str | int) -> int:
     if not m or (m.group(3) and m.group(3).lower() == "ib" and not m.group(2)):
         raise UsageError(f"invalid size {text!r}: expected a number of bytes or a number with K, M, G, T, P or E")
     number, unit = m.group(1), m.group(2).upper()
+    if unit and m.group(3) and m.group(3).lower() == "b":
+        # "10GB" reads as 10^10 bytes to some and 10 GiB to others: say which
+        binary = f"{number}{unit}"
+        raise UsageError(f"invalid size {text!r}: {unit}B is ambiguous (decimal or binary); vdtool's sizes "
+                         f"are binary: write {binary} or {binary}iB for {number} {unit}iB, or the number of "
+                         f"bytes")
     mult = 1 << (10 * (_UNITS.index(unit) + 1)) if unit else 1
     if "." in number:
         from fractions import Fraction
