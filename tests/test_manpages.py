@@ -68,3 +68,17 @@ def test_pages_render_without_warnings(page):
     proc = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", os.path.join(MAN, page)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_man_pages_install_with_the_package():
+    """pyproject.toml installs man/*.1 under PREFIX/share/man/man1, where
+    man finds them beside the vdtool script (man vdtool-convert)."""
+    tomllib = pytest.importorskip("tomllib")
+    import glob
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        conf = tomllib.load(f)
+    patterns = conf["tool"]["setuptools"]["data-files"]["share/man/man1"]
+    installed = {os.path.basename(p) for pat in patterns for p in glob.glob(os.path.join(REPO, pat))}
+    assert installed == {n for n in os.listdir(os.path.join(REPO, "man")) if n.endswith(".1")}
+    assert "vdtool-convert.1" in installed

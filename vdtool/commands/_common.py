@@ -101,7 +101,11 @@ class FormatType(click.ParamType):
     def shell_complete(self, ctx, param, incomplete):
         from click.shell_completion import CompletionItem
 
-        return [CompletionItem(n) for n in FORMAT_NAMES + ("vpc",) if n.startswith(incomplete.lower())]
+        from vdtool.core import registry
+
+        # formats vdtool reads and writes today, not the ones it only recognises
+        names = [*registry.implemented(), "vpc"]
+        return [CompletionItem(n) for n in names if n.startswith(incomplete.lower())]
 
 
 class UUIDType(click.ParamType):
@@ -232,10 +236,32 @@ def output_option(f):
                              "qemu-img's key names.")(f)
 
 
+def _complete_variant(ctx, param, incomplete):
+    """The variants of the format named so far (-f/-O, else the file's
+    extension), or of every format."""
+    from click.shell_completion import CompletionItem
+
+    from vdtool.core import registry
+    from vdtool.core.errors import VdError
+
+    fmt = ctx.params.get("out_fmt") or ctx.params.get("fmt")  # convert: -O; create: -f
+    path = ctx.params.get("file") or ctx.params.get("dst")
+    names = [fmt] if fmt else [registry.format_for_extension(path)] if path else []
+    names = [n for n in names if n] or registry.implemented()
+    out = []
+    for name in names:
+        try:
+            variants = registry.get_backend(name).variants
+        except VdError:
+            continue
+        out += [v for v in variants if v.lower().startswith(incomplete.lower()) and v not in out]
+    return [CompletionItem(v) for v in out]
+
+
 def create_options(f):
     """Options shared by create and convert for the new image."""
     return _compose(
-        click.option("--variant", metavar="VARIANT",
+        click.option("--variant", metavar="VARIANT", shell_complete=_complete_variant,
                      help="Image variant: raw sparse, full; qcow2 sparse, metadata, full (preallocation); "
                           "vdi dynamic, fixed; vmdk monolithicSparse, monolithicFlat, twoGbMaxExtentSparse, "
                           "twoGbMaxExtentFlat, streamOptimized; vhd and vhdx dynamic, fixed. "
