@@ -28,7 +28,9 @@ def _one_line(text: str) -> str:
 
 def _error(message: str) -> None:
     try:
-        click.echo(f"vdtool: error: {_one_line(message)}", err=True)
+        from vdtool.terminal import message_line
+
+        message_line("vdtool: error:", _one_line(message), "bold red")
     except Exception:
         pass
 
@@ -49,7 +51,9 @@ def _notice(text: str) -> None:
     if ctx is not None and ctx.params.get("quiet"):
         return
     try:
-        click.echo(f"vdtool: warning: {_one_line(text)}", err=True)
+        from vdtool.terminal import message_line
+
+        message_line("vdtool: warning:", _one_line(text), "bold yellow")
     except Exception:
         pass
 
@@ -110,9 +114,12 @@ class LazyGroup(click.Group):
                                    ctx)
         return super().resolve_command(ctx, args)
 
-    def main(self, args=None, prog_name=None, **extra):
+    def main(self, args=None, prog_name=None, standalone_mode=True, **extra):
         """Usage errors as one line too: ``vdtool: error: MESSAGE (see
-        'vdtool COMMAND --help')``, exit status 2."""
+        'vdtool COMMAND --help')``, exit status 2.  ``standalone_mode=False``
+        (an embedding program) gets click's exceptions as they are."""
+        if not standalone_mode:
+            return super().main(args, prog_name, standalone_mode=False, **extra)
         try:
             rv = super().main(args, prog_name, standalone_mode=False, **extra)
         except click.UsageError as e:

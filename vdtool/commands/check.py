@@ -74,9 +74,17 @@ def command(file, fmt, repair, output, show_progress, quiet, force_share, parent
                 click.echo(m, err=True)
         print_json(result.to_json(file, fmt_name))
     elif not quiet:
-        click.echo("\n".join(text_report(result)))
+        from vdtool.terminal import styled_lines
+
+        styled_lines(text_report(result), CHECK_STYLES)
     ctx = click.get_current_context()
     ctx.exit(result.exit_code)
+
+
+# colours of the report's lines on a terminal (plain text when piped)
+CHECK_STYLES = {"No errors were found": "bold green", "errors were found": "bold red", "ERROR": "red",
+                "leaked clusters were found": "bold yellow", "Leaked": "yellow", "Repairing": "cyan",
+                "internal errors": "bold red"}
 
 
 def text_report(r) -> list:

@@ -54,5 +54,18 @@ def command(file, fmt, chain, output, force_share, parent_search, untrusted, for
         print_json(result)
         return
     images = result if chain else [result]
+    if chain and len(images) > 1:
+        _chain_table(images)
     blocks = ["\n".join(human_lines(d)) for d in images]
     click.echo("\n\n".join(blocks))
+
+
+def _chain_table(images: list) -> None:
+    """On a terminal, the chain at a glance before each image's details."""
+    from vdtool.core.sizes import format_size
+    from vdtool.terminal import table
+
+    rows = [(d["filename"], d["format"], format_size(d["virtual-size"]), format_size(d["actual-size"]),
+             "NOT FOUND" if d.get("parent-found") is False else d.get("backing-filename", "")) for d in images]
+    if table(["image", "format", "virtual size", "disk size", "backing file"], rows, title="Backing chain"):
+        click.echo()
