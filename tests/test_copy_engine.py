@@ -189,4 +189,4 @@ def test_data_runs_agree_with_a_block_by_block_scan():
                 buf[s:s + block] = bytes([0] + [rng.randint(0, 255) for _ in range(7)]) * (block // 8)
         buf[n:] = b"\x07" * (len(buf) - n)
         zeros = memoryview(bytes(len(buf) + block))
-        assert copy_mod._data_runs(buf, n, block, zeros) == _runs_block_by_block(buf, n, block)
+        assert copy_mod.data_runs(buf, n, block, zeros) == _runs_block_by_block(buf, n, block)

@@ -150,7 +150,7 @@ class _Copier:
         """Write the blocks of buf[:n] (disk offset ``off``) that are not
         all zeros (all of them for a preallocated output)."""
         view = memoryview(buf)
-        runs = ((0, n),) if self.write_zeros else _data_runs(buf, n, self.block, self.zero_view)
+        runs = ((0, n),) if self.write_zeros else data_runs(buf, n, self.block, self.zero_view)
         if self.compressed is None:
             for a, b in runs:
                 self.top.write(off + a, view[a:b])
@@ -196,7 +196,7 @@ class _Copier:
         self.stats.written_bytes += b - a
 
 
-def _data_runs(buf: bytearray, n: int, block: int, zeros: memoryview) -> list:
+def data_runs(buf: bytearray, n: int, block: int, zeros: memoryview) -> list:
     """[start, end) runs of buf[:n] made of blocks that are not all zeros.
 
     Without a Python step per block: the first byte of every block, taken

@@ -92,3 +92,16 @@ def write_image(f: ImageFile, hdr: Record, parent: Optional[ParentSpec], progres
     if parent is not None:
         write_parent(state, parent)
     return state
+
+
+def measure(size: int, source, variant: Optional[str], block_size: Optional[int], options: dict) -> dict:
+    """measure's sizes: header and block map (aligned to 1 MiB, as create
+    lays them out), then one block for each block convert writes (all of
+    them for a fixed image)."""
+    variant = _variant(variant, None, options)
+    size, bs, blocks, _off_blocks, off_data = _geometry(size, block_size)
+    full = off_data + blocks * bs
+    if variant == "fixed":
+        return {"required": full, "fully-allocated": full}
+    used = source.data_blocks(bs) if source is not None else 0
+    return {"required": off_data + used * bs, "fully-allocated": full}

@@ -18,8 +18,8 @@ from vdtool.core.layout import Record
 from vdtool.formats.vhd.layout import (AZURE_ALIGN, COOKIE, CREATOR_APP, CREATOR_HOST_OS, DEFAULT_BLOCK,
                                        FEATURE_RESERVED, FOOTER, FOOTER_SIZE, HEADER_SIZE, MAX_BLOCK,
                                        MAX_DYNAMIC_SIZE, MAX_SIZE, MIN_CREATE_BLOCK, NO_OFFSET, SECTOR,
-                                       TYPE_DIFF, TYPE_DYNAMIC, TYPE_FIXED, VERSION_1_0, chs_geometry,
-                                       dynamic_header, pack_with_checksum, uuid_bytes, vhd_now)
+                                       TYPE_DIFF, TYPE_DYNAMIC, TYPE_FIXED, VERSION_1_0, bitmap_bytes,
+                                       chs_geometry, dynamic_header, pack_with_checksum, uuid_bytes, vhd_now)
 
 
 @dataclass
@@ -102,3 +102,18 @@ def write_image(f: ImageFile, new: NewImage) -> None:
     f.pwrite(table_offset, b"\xff" * bat_bytes)
     f.pwrite(FOOTER_SIZE, dynamic_header(table_offset, n, new.block))
     f.pwrite(table_offset + bat_bytes, footer)
+
+
+def measure(size: int, source, variant: str, block_size, opts: dict) -> dict:
+    """measure's sizes: a fixed disk is its data and the footer; a dynamic
+    one the footer copy, header, BAT and footer, and for each block convert
+    writes its sector bitmap and the block."""
+    new = plan(size, variant, block_size, False, opts)
+    if new.fixed:
+        full = new.size + FOOTER_SIZE
+        return {"required": full, "fully-allocated": full}
+    n = ceil_div(new.size, new.block)
+    meta = FOOTER_SIZE + HEADER_SIZE + align_up(n * 4, SECTOR) + FOOTER_SIZE
+    per_block = bitmap_bytes(new.block) + new.block
+    used = source.data_blocks(new.block) if source is not None else 0
+    return {"required": meta + used * per_block, "fully-allocated": meta + n * per_block}

@@ -13,9 +13,10 @@ from vdtool.core.fileio import ImageFile
 from vdtool.formats.vmdk.descriptor import (NO_PARENT_CID, ExtentLine, geometry, is_hex32, long_content_id, new_cid,
                                             new_descriptor, part_name, stem_ext)
 from vdtool.formats.vmdk.disk import Disk
-from vdtool.formats.vmdk.layout import (DEFAULT_GRAIN_SECTORS, FLAG_NL_DETECT, FLAG_RGD, FLAG_ZERO_GRAIN,
-                                        MAX_CAPACITY_BYTES, SECTOR, SPLIT_SECTORS)
-from vdtool.formats.vmdk.sparse import write_new_sparse
+from vdtool.formats.vmdk.layout import (DEFAULT_DESCRIPTOR_SECTORS, DEFAULT_GRAIN_SECTORS, DEFAULT_GTES,
+                                        FLAG_NL_DETECT, FLAG_RGD, FLAG_ZERO_GRAIN, GRAIN_MARKER, MAX_CAPACITY_BYTES,
+                                        SECTOR, SPLIT_SECTORS)
+from vdtool.formats.vmdk.sparse import sparse_layout, write_new_sparse
 from vdtool.formats.vmdk.stream import StreamWriter
 
 NULL_UUID = "00000000-0000-0000-0000-000000000000"
@@ -208,3 +209,67 @@ class _NewImage:
         finally:
             for m in made:
                 m.close()
+
+
+# measure names the files of a new image after this stand-in (the real
+# name is the user's): 250 characters, so a descriptor that lists file
+# names is measured as at least as big as any real one
+_STAND_IN = "x" * 250 + ".vmdk"
+
+
+def _zlib_bound(n: int) -> int:
+    """The most zlib.compress may return for ``n`` bytes (zlib's compressBound)."""
+    return n + (n >> 12) + (n >> 14) + (n >> 25) + 13
+
+
+def measure(size: int, source, *, variant: Optional[str], block_size: Optional[int], options: Optional[dict],
+            variants: tuple, format_options: tuple) -> dict:
+    """measure's sizes, every file of the image counted.  Sparse extents:
+    header, descriptor, both grain directories and every grain table (as
+    create writes them), then the grains convert writes.  Flat extents:
+    the disk.  A descriptor file is measured with 250-character file names.
+    streamOptimized: an upper bound, each grain counted at zlib's worst
+    case with its marker, and a grain table for every grain written, at
+    most one per table the disk has."""
+    options = dict(options or {})
+    variant = _choose_variant(variant or options.get("subformat") or "monolithicSparse", variants)
+    opts = _parse_opts(format_options, options)
+    size = ceil_div(int(size), SECTOR) * SECTOR
+    if size < 0 or size > MAX_CAPACITY_BYTES:
+        raise UsageError(f"vmdk image size {size} is outside 0..2^56")
+    sparse = variant in ("monolithicSparse", "twoGbMaxExtentSparse", "streamOptimized")
+    grain = _grain_sectors(block_size, sparse, variant)
+    gbytes = grain * SECTOR
+    stream = variant == "streamOptimized"
+    ddb = _ddb(size, opts, 0, NULL_UUID, None, stream)
+    new = _NewImage(os.path.join(os.sep, "measure", _STAND_IN), size // SECTOR, grain, version=1, flags=0)
+    grains = ceil_div(size, gbytes)
+    used = source.data_blocks(gbytes) if source is not None and sparse else 0
+    if stream:
+        return _measure_stream(new, variant, ddb, grains, used)
+    if variant == "monolithicSparse":
+        meta = sparse_layout(new.sectors, grain, DEFAULT_GTES, 1, DEFAULT_DESCRIPTOR_SECTORS)["overhead"] * SECTOR
+        return {"required": meta + used * gbytes, "fully-allocated": meta + grains * gbytes}
+    parts = new.parts(variant)
+    meta = len(new_descriptor(variant, 0, NO_PARENT_CID, new.lines(parts), ddb, None).render())
+    if not sparse:
+        return {"required": meta + size, "fully-allocated": meta + size}
+    meta += sum(sparse_layout(n, grain, DEFAULT_GTES, 1, DEFAULT_DESCRIPTOR_SECTORS)["overhead"] * SECTOR
+                for _, n, _ in parts)
+    return {"required": meta + used * gbytes, "fully-allocated": meta + grains * gbytes}
+
+
+def _measure_stream(new: _NewImage, variant: str, ddb: list, grains: int, used: int) -> dict:
+    desc = new_descriptor(variant, 0, NO_PARENT_CID, new.lines_monolithic(), ddb, None).render()
+    head = ceil_div(1 + max(1, ceil_div(len(desc), SECTOR)), new.grain) * new.grain * SECTOR
+    per_grain = ceil_div(GRAIN_MARKER.size + _zlib_bound(new.grain * SECTOR), SECTOR) * SECTOR
+    tables = ceil_div(grains, DEFAULT_GTES)
+    per_table = SECTOR + ceil_div(4 * DEFAULT_GTES, SECTOR) * SECTOR  # marker and table
+    gd_bytes = ceil_div(4 * tables, SECTOR) * SECTOR if tables else SECTOR
+    # directory marker and directory, footer marker and footer, end-of-stream marker
+    tail = SECTOR + gd_bytes + SECTOR + SECTOR + SECTOR
+
+    def total(n: int) -> int:
+        return head + n * per_grain + min(tables, n) * per_table + tail
+
+    return {"required": total(used), "fully-allocated": total(grains)}
