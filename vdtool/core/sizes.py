@@ -76,3 +76,13 @@ def align_down(n: int, a: int) -> int:
 
 def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+def qemu_size(n: int) -> str:
+    """A size as qemu-img prints one (three significant digits, the next
+    unit from 1000 of the smaller one on: '0 B', '1.5 MiB', '0.977 MiB')."""
+    import math
+
+    _, e = math.frexp(n / (1000 / 1024))
+    i = min(6, int((e - 1) / 10)) if e > 0 else 0
+    return "%0.3g %sB" % (n / (1 << (10 * i)), ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")[i])

@@ -139,16 +139,10 @@ def human_lines(d: dict) -> list:
         lines.append(f"parent: MISMATCH ({d['parent-mismatch']})")
     if d.get("dirty-flag"):
         lines.append("dirty flag: yes")
-    snaps = d.get("snapshots")
-    if snaps:
-        import time
+    if d.get("snapshots"):
+        from vdtool.core.ops._snapshot import snapshot_table
 
-        lines.append("Snapshot list:")
-        lines.append(f"{'ID':<8}{'TAG':<20}{'VM SIZE':>10}  {'DATE':<20}")
-        for snap in snaps:
-            date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.get("date-sec", 0)))
-            lines.append(f"{str(snap.get('id', '')):<8}{str(snap.get('name', '')):<20}"
-                         f"{format_size(snap.get('vm-state-size', 0)):>10}  {date}")
+        lines += snapshot_table(d["snapshots"])  # qemu-img info shows qemu-img snapshot -l's table
     spec = d.get("format-specific")
     if spec:
         lines.append("Format specific information:")

@@ -14,6 +14,8 @@ The modules, lowest first (each imports only modules above it):
   tables, caches, dirty sets, allocation hints), the metadata overlap index
   and the header field writes.
 - ``snapshot``: the internal snapshot table (read, listed for info).
+- ``snapedit``: internal snapshots created, applied and deleted (the refcounts
+  and OFLAG_COPIED flags that go with them, crash-safe order).
 - ``refcount``: refcount blocks and table: codec, cache, allocation,
   free-space search, table growth, deferred frees.
 - ``header``: reading and validating the header into the state at open;

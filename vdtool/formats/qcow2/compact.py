@@ -1,12 +1,14 @@
 """QCOW2 compact: clusters that read as zeros stop being stored, the
 highest clusters move down into free space, and the file is cut after the
-last used cluster.  Images with internal snapshots are refused."""
+last used cluster.  With internal snapshots only what the active image
+alone uses (OFLAG_COPIED: refcount 1) is released or moved; what a
+snapshot shares stays where it is."""
 
 from __future__ import annotations
 
 from vdtool.core.backend import CheckResult
 from vdtool.core.bytesutil import zeros
-from vdtool.core.errors import NotSupported, UnsupportedFeature, VdError
+from vdtool.core.errors import UnsupportedFeature, VdError
 from vdtool.core.progress import Progress
 from vdtool.formats.qcow2.check import run_check
 from vdtool.formats.qcow2.layout import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
@@ -17,8 +19,6 @@ COMPACT_BATCH = 4096  # clusters moved between flushes
 
 
 def run_compact(st, refcounts, clusters, progress: Progress) -> None:
-    if st.nb_snapshots:
-        raise NotSupported("compact", "qcow2", st.path, "the image has internal snapshots")
     clusters.flush_metadata()
     _release_zero_clusters(st, clusters, progress.sub(0, 40))
     clusters.flush_metadata()
@@ -140,7 +140,7 @@ def _movable(st, clusters, target: int) -> dict:
         if not off:
             continue
         if not le & OFLAG_COPIED:
-            continue  # shared table: never moved (snapshots are refused above; this is a stale flag)
+            continue  # shared with a snapshot: never moved
         if off >> cb >= target:
             owners[off >> cb] = (1, l1i, 0)
         tbl = clusters.l2_table(off)

@@ -22,9 +22,9 @@ def resize(st, refcounts, clusters, writer, new_size: int) -> None:
     old_size = st.size
     if new_size == old_size:
         return
-    if st.nb_snapshots and (new_size < old_size or st.version < 3):
-        raise NotSupported("resizing" if st.version < 3 else "shrinking", "qcow2", st.path,
-                           "the image has internal snapshots")
+    if st.nb_snapshots and st.version < 3:
+        # as qemu-img: a version 3 image records each snapshot's disk size, a version 2 image may not
+        raise NotSupported("resizing", "qcow2 version 2", st.path, "the image has internal snapshots")
     if new_size > old_size:
         _grow(st, clusters, writer, old_size, new_size)
     else:

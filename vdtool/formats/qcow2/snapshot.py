@@ -1,6 +1,6 @@
 """Internal snapshots: the snapshot table, read at open and listed by info.
 
-Snapshots are never created or deleted here.  What a snapshot shares with
+Creating, applying and deleting them is ``snapedit``.  What a snapshot shares with
 the active image is seen through the refcounts: the write path copies an L2
 table or data cluster whose entry lacks OFLAG_COPIED before changing it
 (cluster.ClusterMap.l2_for_write, write.Writer), and check walks each
@@ -16,7 +16,9 @@ from vdtool.formats.qcow2.layout import (MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOT_TABLE,
 def read_table(st, file_size: int) -> tuple:
     """(snapshots, table bytes) of the table the state's header points at;
     each snapshot a dict (id, name, l1_table_offset, l1_size, vm_state_size,
-    date_sec, date_nsec, vm_clock_nsec, disk_size, icount)."""
+    date_sec, date_nsec, vm_clock_nsec, disk_size, icount; ``entry`` the
+    fixed part as read and ``extra`` the extra data bytes, kept so that a
+    rewritten table keeps what it does not know)."""
     start = st.snapshots_offset
     limit = min(file_size, start + MAX_SNAPSHOT_TABLE)
     pos = start
@@ -50,7 +52,7 @@ def _entry(st, ent, raw: bytes, file_size: int) -> dict:
     return {"id": sid, "name": sname, "l1_table_offset": ent.l1_table_offset, "l1_size": ent.l1_size,
             "vm_state_size": vm_large if vm_large is not None else ent.vm_state_size,
             "date_sec": ent.date_sec, "date_nsec": ent.date_nsec, "vm_clock_nsec": ent.vm_clock_nsec,
-            "disk_size": disk_size, "icount": icount}
+            "disk_size": disk_size, "icount": icount, "entry": ent, "extra": bytes(raw[:xs])}
 
 
 def l1_table(st, sn: dict):
