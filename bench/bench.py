@@ -16,7 +16,9 @@ start-up, same environment); check on a 4 GiB qcow2 with 4 KiB clusters
 and preallocation=metadata (a million clusters); convert of a 100 GiB
 sparse raw image (peak memory); convert and check of empty 64 TiB qcow2,
 VMDK and VDI and 2040 GiB VHD images (vdtool alone: qemu-img needs minutes
-on the VMDK).  ``--only`` keeps the cases whose name
+on the VMDK); checksum of the workload's qcow2 and raw images (xxh3-128,
+and sha256) against sha256sum of the raw file (in the qemu-img column:
+qemu-img has no checksum).  ``--only`` keeps the cases whose name
 contains one of the words (``--only convert``, ``--only -c stream``).
 
 Needs qemu-img on PATH; runs vdtool as ``python -m vdtool`` with the
@@ -239,6 +241,11 @@ def main() -> None:
         ("check 4 KiB-cluster qcow2 (1M clusters)", vd + ["check", w("meta-4G.qcow2")],
          [qemu, "check", w("meta-4G.qcow2")], None),
         conv("100 GiB sparse raw->qcow2 (memory)", w("sparse-100G.raw"), "qcow2", ["-O", "qcow2"], ["-O", "qcow2"]),
+        # the other side is sha256sum of the raw file, not qemu-img (which has no checksum)
+        ("checksum qcow2 (vs sha256sum raw)", vd + ["checksum", src_qcow2], ["sha256sum", raw], None),
+        ("checksum raw (vs sha256sum raw)", vd + ["checksum", raw], ["sha256sum", raw], None),
+        ("checksum -a sha256 qcow2 (vs sha256sum raw)", vd + ["checksum", "-a", "sha256", src_qcow2],
+         ["sha256sum", raw], None),
     ]
     solos = []
     for name, path in scale.items():

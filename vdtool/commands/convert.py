@@ -28,8 +28,9 @@ Examples:
 @click.option("-c", "--compress", is_flag=True,
               help="Compress the data where the format can (qcow2 compressed clusters).")
 @click.option("--verify", is_flag=True,
-              help="Read DST back after writing and compare its content digest (xxh3-128 over the virtual "
-                   "disk) with SRC's; both digests are printed, a mismatch is an error.")
+              help="Read DST back after writing and compare its content digest with SRC's; both digests "
+                   "are printed, a mismatch is an error.  The digest is the one 'vdtool checksum' prints "
+                   "(xxh3-128), so SRC's can be compared with a later checksum of DST or of a copy.")
 @click.option("--sync/--no-sync", "sync", default=None,
               help="Flush DST to the disk before returning, so it survives a power cut (default: only when "
                    "DST replaces an existing file; otherwise the kernel writes it back in its own time, as "
