@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from vdtool.core.backend import Cap, ImageBackend, ParentSpec, Status
+from vdtool.core.backend import Cap, ImageBackend, MapExtent, ParentSpec, Status
 from vdtool.core.bytesutil import is_zero
 from vdtool.core.errors import NotSupported, UsageError, VdError
 from vdtool.core.fileio import ImageFile
@@ -51,6 +51,22 @@ class RawBackend(ImageBackend):
             raise
         return cls(f)
 
+    @classmethod
+    def measure(cls, size: int, source, *, variant: Optional[str] = None, block_size: Optional[int] = None,
+                options: Optional[dict] = None) -> dict:
+        """A raw file is the disk, allocated or not; qemu-img keeps whole
+        sectors for a new disk of a given size."""
+        options = dict(options or {})
+        mode = options.pop("preallocation", "off")
+        if mode not in ("off", "falloc", "full"):
+            raise UsageError(f"raw option preallocation: invalid value {mode!r}; choose from off, falloc, full")
+        if options:
+            raise UsageError(f"unknown raw option {sorted(options)[0]!r} (valid options: preallocation)")
+        if variant is not None and variant not in cls.variants:
+            raise UsageError(f"raw has no variant {variant!r}; choose from {', '.join(cls.variants)}")
+        total = size if source is not None else -(-size // 512) * 512
+        return {"required": total, "fully-allocated": total}
+
     # -- facts ---------------------------------------------------------------
     @property
     def virtual_size(self) -> int:
@@ -74,6 +90,12 @@ class RawBackend(ImageBackend):
             return Status.ZERO, min(data, end) - offset
         hole = self.file.next_hole(offset)
         return Status.DATA, max(1, min(hole, end) - offset)
+
+    def map_extent(self, offset: int, length: int) -> MapExtent:
+        """The guest offset is the host offset, for data and holes alike
+        (qemu-img map gives both an offset)."""
+        status, n = self.block_status(offset, length)
+        return MapExtent(status, n, offset if offset < self._size else None)
 
     def readinto(self, offset: int, buf) -> None:
         self.file.readinto(offset, buf)

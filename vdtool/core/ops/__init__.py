@@ -15,10 +15,21 @@ _WHERE = {
     "check": "_check", "compact": "_compact", "convert": "_convert", "ConvertResult": "_convert",
     "create": "_create", "discard": "_discard", "human_lines": "_info", "info": "_info", "merge": "_merge",
     "rebase": "_rebase", "resize": "_resize",
+    "measure": "_measure",
+    "checksum": "_checksum",
+    "amend": "_amend",
+    "snapshot": "_snapshot", "snapshot_table": "_snapshot",
+    "map": "_map", "MapEntry": "_map", "map_human_lines": "_map",
+    "compare": "_compare", "CompareResult": "_compare",
 }
 
 __all__ = ["check", "compact", "convert", "ConvertResult", "create", "discard", "human_lines", "info", "merge",
            "rebase", "resize"]
+__all__ += ["measure"]
+__all__ += ["snapshot", "snapshot_table"]
+__all__ += ["checksum"]
+__all__ += ["amend"]
+__all__ += ["map", "MapEntry", "map_human_lines", "compare", "CompareResult"]
 
 
 def __getattr__(name: str):

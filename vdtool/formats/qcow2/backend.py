@@ -18,7 +18,8 @@ Choices worth knowing:
   raises UnsupportedFeature.  Encryption and external data files are refused
   at open.
 - Writes to images with internal snapshots copy shared L2 tables and data
-  clusters (no OFLAG_COPIED) before changing them; shrink and compact refuse.
+  clusters (no OFLAG_COPIED) before changing them; compact leaves what they
+  share in place; shrink drops only the active image's references.
 - The first write clears autoclear feature bits (persistent bitmaps), as the
   spec requires of programs that do not maintain them; their clusters then
   count as leaks, which QEMU reports the same way."""
@@ -27,7 +28,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, ParentRef, ParentSpec
+from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentRef, ParentSpec, Status
+from vdtool.core.extents import flat_extent
 from vdtool.core.bytesutil import ceil_div
 from vdtool.core.errors import UsageError
 from vdtool.core.fileio import ImageFile
@@ -58,6 +60,15 @@ class Qcow2Backend(ImageBackend):
         FormatOption("extended_l2", bool, False, "extended L2 entries with 32 subclusters (compat 1.1, "
                                                  "cluster_size 16K or more)"),
         FormatOption("compression_type", str, "zlib", "compression of compressed clusters", ("zlib",)),
+    )
+    amend_options = (
+        FormatOption("compat", str, None, "compatibility level: 0.10 (version 2) or 1.1 (version 3); going "
+                                          "down expands zero clusters and needs refcount_bits=16, no "
+                                          "extended L2, zlib compression"),
+        FormatOption("lazy_refcounts", bool, None, "postpone refcount updates (needs compat 1.1)"),
+        FormatOption("refcount_bits", int, None, "width of a refcount entry: 1, 2, 4, 8, 16, 32 or 64 "
+                                                 "(compat 0.10 needs 16); the refcount structures are rebuilt"),
+        FormatOption("size", "size", None, "virtual disk size (as resize; images without a backing file)"),
     )
 
     def __init__(self, file: ImageFile):
@@ -118,6 +129,23 @@ class Qcow2Backend(ImageBackend):
             raise
         return b
 
+    @classmethod
+    def measure(cls, size: int, source, *, variant: Optional[str] = None, block_size: Optional[int] = None,
+                options: Optional[dict] = None) -> dict:
+        from vdtool.formats.qcow2 import create, measure
+
+        options = dict(options or {})
+        variant = measure.variant_of(variant, options)
+        if variant not in cls.variants:
+            raise UsageError(f"qcow2 has no variant {variant!r}; choose from {', '.join(cls.variants)}")
+        opts = create.create_options(cls.options, options, block_size)
+        return measure.measure(size, source, opts, variant, options)
+
+    def persistent_bitmaps(self) -> Optional[list]:
+        from vdtool.formats.qcow2 import measure
+
+        return measure.read_bitmaps(self.st)
+
     # == facts ==========================================================================
     @property
     def version(self) -> int:
@@ -165,6 +193,27 @@ class Qcow2Backend(ImageBackend):
     # == data ===========================================================================
     def block_status(self, offset: int, length: int) -> tuple:
         return self.clusters.block_status(offset, length)
+
+    def map_extent(self, offset: int, length: int) -> MapExtent:
+        """As QEMU: when the file holds far fewer clusters than the
+        refcounts count (metadata preallocation, or a copy that made the
+        file sparse), data clusters over holes of the file are data that
+        reads as zeros."""
+        ext = self.clusters.map_extent(offset, length)
+        if ext.status == Status.DATA and ext.offset is not None and self._sparse_file():
+            run = flat_extent(self.file, ext.offset, ext.length)
+            return ext._replace(length=run.length, zero=run.zero)
+        return ext
+
+    def _sparse_file(self) -> bool:
+        """QEMU's test for metadata preallocation, once per open: the last
+        cluster in use lies beyond 10/9 of the clusters the file occupies."""
+        known = self.__dict__.get("_sparse")
+        if known is None:
+            real = self.file.allocated_size() // self.st.cs
+            known = self.refcounts.last_used_cluster() > max(real * 10 // 9, real + 2)
+            self._sparse = known
+        return known
 
     def readinto(self, offset: int, buf) -> None:
         self.clusters.readinto(offset, buf)
@@ -226,6 +275,21 @@ class Qcow2Backend(ImageBackend):
 
         resize.resize(self.st, self.refcounts, self.clusters, self.writer, new_size)
 
+    @classmethod
+    def parse_amend_options(cls, pairs: dict, path: Optional[str] = None) -> dict:
+        from vdtool.core.errors import VdError
+        from vdtool.formats.qcow2.amend import NOT_AMENDABLE
+
+        for key in pairs:
+            if key in NOT_AMENDABLE:
+                raise VdError(NOT_AMENDABLE[key], path)
+        return super().parse_amend_options(pairs, path)
+
+    def amend(self, options: dict, progress: Progress = NO_PROGRESS) -> list:
+        from vdtool.formats.qcow2 import amend  # when used (start-up, see create)
+
+        return amend.run(self.st, self.refcounts, self.clusters, self, options, progress)
+
     def set_parent(self, parent: Optional[ParentSpec]) -> None:
         self.writer.begin()
         self.clusters.flush_metadata()
@@ -245,3 +309,15 @@ class Qcow2Backend(ImageBackend):
         from vdtool.formats.qcow2 import compact  # when used (start-up, see create)
 
         compact.run_compact(self.st, self.refcounts, self.clusters, progress)
+
+    def snapshot_list(self) -> Optional[list]:
+        return snapshot.info_list(self.st.snapshots)
+
+    def snapshot_change(self, action: str, name: str) -> dict:
+        from vdtool.formats.qcow2.snapedit import SnapshotEditor  # when used (start-up, see create)
+
+        ed = SnapshotEditor(self.st, self.refcounts, self.clusters, self.writer)
+        if action not in ("create", "apply", "delete"):
+            raise UsageError(f"snapshot action must be create, apply or delete, not {action!r}")
+        sn = getattr(ed, action)(name)
+        return snapshot.info_list([sn])[0]

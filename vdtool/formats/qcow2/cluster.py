@@ -9,15 +9,19 @@ leaks clusters at worst."""
 
 from __future__ import annotations
 
+import re
 import zlib
 from array import array
 from typing import Optional
 
-from vdtool.core.backend import Status
+from vdtool.core.backend import MapExtent, Status
 from vdtool.core.bytesutil import be_array, be_bytes, ceil_div, zeros
 from vdtool.core.errors import UnsupportedFeature, UsageError, VdError
 from vdtool.formats.qcow2.layout import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_ENTRIES, OFLAG_COMPRESSED,
                                          OFLAG_COPIED, OFLAG_ZERO, SC_ALLOC_ALL, SECTOR, compressed_extent)
+
+
+_EMPTY_ENTRIES = re.compile(rb"(?:\x00{8})*")
 
 
 def compress_cluster(data, cluster_size: int, level: int = 6) -> Optional[bytes]:
@@ -217,6 +221,72 @@ class ClusterMap:
             if pos >= end:
                 break
         return status, min(pos, end) - offset
+
+    def map_extent(self, offset: int, length: int) -> MapExtent:
+        """A run of clusters (subclusters with extended L2) with the same
+        status and, for data, host offsets one after another.  Compressed
+        clusters and plain zero clusters have no host offset (as qemu-img
+        map); zero clusters that keep a host cluster have one, and so do
+        unallocated subclusters of an allocated cluster (extended L2)."""
+        st = self.st
+        end = min(offset + length, st.size)
+        if offset >= end:
+            return MapExtent(Status.ZERO, max(length, 1))
+        cb = st.cb
+        cmask = st.cs - 1
+        scb = cb - 5
+        l1_shift = cb + st.l2_bits
+        l2mask = st.l2_entries - 1
+        w = st.l2_words
+        l1 = st.l1
+        first = None  # (status, compressed) of the run
+        start_host = expect = None
+        pos = offset
+        while pos < end:
+            l1i = pos >> l1_shift
+            reg_end = min(end, (l1i + 1) << l1_shift)
+            l2off = l1[l1i] & L1E_OFFSET_MASK
+            if not l2off:
+                if first is None:
+                    first = (Status.UNALLOCATED, False)
+                elif first != (Status.UNALLOCATED, False) or expect is not None:
+                    break
+                # a run of empty L1 entries in one regex step (64 TiB: 131072 of them)
+                last = min(len(l1), ((end - 1) >> l1_shift) + 1)
+                stop = _EMPTY_ENTRIES.match(memoryview(l1).cast("B"), 8 * l1i, 8 * last).end() // 8
+                pos = max(reg_end, min(end, stop << l1_shift))
+                continue
+            tbl = self.l2_table(l2off)
+            while pos < reg_end:
+                e = tbl[((pos >> cb) & l2mask) * w]
+                step = min((((pos >> cb) + 1) << cb), reg_end)
+                cluster = e & L2E_OFFSET_MASK
+                comp = False
+                if e & OFLAG_COMPRESSED:
+                    s, host, comp = Status.DATA, None, True
+                else:
+                    if w == 2:
+                        s = self.sc_status(e, tbl[2 * ((pos >> cb) & l2mask) + 1], (pos >> scb) & 31)
+                        step = min((((pos >> scb) + 1) << scb), reg_end)
+                    elif e & OFLAG_ZERO:
+                        s = Status.ZERO
+                    else:
+                        s = Status.DATA if cluster else Status.UNALLOCATED
+                    host = None
+                    if cluster:  # extended L2 keeps one under unallocated subclusters too
+                        if s == Status.DATA:
+                            st.check_data_cluster(cluster)
+                        host = cluster + (pos & cmask)
+                if first is None:
+                    first = (s, comp)
+                    start_host = expect = host
+                elif first != (s, comp) or (host is None) != (expect is None) or \
+                        (host is not None and host != expect):
+                    return MapExtent(first[0], pos - offset, start_host, first[1])
+                if expect is not None:
+                    expect += step - pos
+                pos = step
+        return MapExtent(first[0], min(pos, end) - offset, start_host, first[1])
 
     def _status_ext(self, tbl, pos: int, reg_end: int, status):
         cb = self.st.cb

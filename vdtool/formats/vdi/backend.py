@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, ParentRef, ParentSpec, Status
+from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentRef, ParentSpec, Status
+from vdtool.core.extents import flat_extent
 from vdtool.core.bytesutil import zeros
 from vdtool.core.errors import VdError
 from vdtool.core.fileio import ImageFile
@@ -36,6 +37,10 @@ class VdiBackend(ImageBackend):
         FormatOption("comment", str, None, "image comment (at most 255 bytes of UTF-8)"),
         FormatOption("static", bool, False, "preallocated image, as qemu-img's static=on (same as --variant fixed)"),
     )
+    amend_options = (
+        FormatOption("uuid", str, None, "a new image UUID (children that recorded the old one no longer match)"),
+        FormatOption("parent_uuid", str, None, "the parent UUID a differencing image records"),
+    )
 
     def __init__(self, file: ImageFile):
         super().__init__(file)
@@ -63,6 +68,13 @@ class VdiBackend(ImageBackend):
         except BaseException:
             f.close()
             raise
+
+    @classmethod
+    def measure(cls, size: int, source, *, variant: Optional[str] = None, block_size: Optional[int] = None,
+                options: Optional[dict] = None) -> dict:
+        from vdtool.formats.vdi.create import measure
+
+        return measure(size, source, variant, block_size, cls.parse_options(dict(options or {})))
 
     # == facts =====================================================================================
     @property
@@ -149,6 +161,34 @@ class VdiBackend(ImageBackend):
             nb = st.map.marker_run_end(b + 1, last + 1, e)
         run_end = min(nb << shift, end)
         return status, run_end - offset
+
+    def map_extent(self, offset: int, length: int) -> MapExtent:
+        """Blocks stored one after another in the file are one run.  A free
+        block of an image without a parent is ZERO (qemu-img map: present
+        zeros); a fixed image's blocks over holes of the file are data that
+        reads as zeros, as QEMU reports them."""
+        st = self.state
+        status, n = self.block_status(offset, length)
+        if offset >= st.virtual_size:
+            return MapExtent(status, n)
+        if status == Status.UNALLOCATED and self.parent is None:
+            return MapExtent(Status.ZERO, n)
+        if status != Status.DATA:
+            return MapExtent(status, n)
+        shift = st.shift
+        bs = 1 << shift
+        entries = st.map.mv
+        b = offset >> shift
+        host = st.data_pos(b, entries[b]) + (offset & (bs - 1))
+        run = min(n, ((b + 1) << shift) - offset)
+        while run < n:
+            b2 = (offset + run) >> shift
+            if st.data_pos(b2, entries[b2]) != host + run:
+                break
+            run = min(n, run + bs)
+        if st.fixed:
+            return flat_extent(self.file, host, run)
+        return MapExtent(Status.DATA, run, host)
 
     def readinto(self, offset: int, buf) -> None:
         st = self.state
@@ -285,6 +325,11 @@ class VdiBackend(ImageBackend):
         finally:
             self.state.map.release()
             self.file.close()
+
+    def amend(self, options: dict, progress: Progress = NO_PROGRESS) -> list:
+        from vdtool.formats.vdi.amend import amend  # when used
+
+        return amend(self.state, options)
 
     # == whole-image operations ======================================================================
     def set_parent(self, parent: Optional[ParentSpec]) -> None:

@@ -38,7 +38,7 @@ import struct
 import uuid as uuidlib
 from typing import Optional
 
-from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, ParentRef, ParentSpec
+from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentRef, ParentSpec
 from vdtool.core.errors import CorruptImageError, NotSupported, ReadOnlyError, UsageError, VdError
 from vdtool.core.fileio import ImageFile
 from vdtool.core.layout import Record
@@ -66,6 +66,9 @@ class VhdBackend(ImageBackend):
         FormatOption("azure", bool, False,
                      "make an image Azure accepts: fixed, size rounded up to a whole MiB (needs --variant fixed)"),
         FormatOption("uuid", str, None, "unique ID of the new image (default: a random one)"),
+    )
+    amend_options = (
+        FormatOption("uuid", str, None, "a new unique ID (children that recorded the old one no longer match)"),
     )
 
     def __init__(self, file: ImageFile):
@@ -110,6 +113,16 @@ class VhdBackend(ImageBackend):
             f.close()
             raise
         return img
+
+    @classmethod
+    def measure(cls, size: int, source, *, variant: Optional[str] = None, block_size: Optional[int] = None,
+                options: Optional[dict] = None) -> dict:
+        from vdtool.formats.vhd.create import measure
+
+        variant = variant or "dynamic"
+        if variant not in cls.variants:
+            raise UsageError(f"vhd has no variant {variant!r}; choose from {', '.join(cls.variants)}")
+        return measure(size, source, variant, block_size, cls.parse_options(dict(options or {})))
 
     # == facts ============================================================================
     @property
@@ -186,6 +199,9 @@ class VhdBackend(ImageBackend):
     def block_status(self, offset: int, length: int) -> tuple:
         return blocks.block_status(self.state, offset, length)
 
+    def map_extent(self, offset: int, length: int) -> MapExtent:
+        return blocks.map_extent(self.state, offset, length, self.parent is not None)
+
     def readinto(self, offset: int, buf) -> None:
         blocks.readinto(self.state, offset, buf)
 
@@ -222,6 +238,12 @@ class VhdBackend(ImageBackend):
                 self.flush()
         finally:
             self.file.close()
+
+    def amend(self, options: dict, progress: Progress = NO_PROGRESS) -> list:
+        from vdtool.formats.vhd.amend import amend  # when used
+
+        self._require_writable()
+        return amend(self.state, options)
 
     # == whole-image operations =============================================================
     def set_parent(self, parent: Optional[ParentSpec]) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from vdtool.core.backend import Status
+from vdtool.core.backend import MapExtent, Status
 from vdtool.core.bytesutil import ZERO_BUFFER, ceil_div, is_zero, zeros
+from vdtool.core.extents import flat_extent
 from vdtool.formats.vhd.layout import SECTOR, TYPE_DIFF, TYPE_FIXED, UNUSED
 from vdtool.formats.vhd.metadata import bits, run, set_bits
 from vdtool.formats.vhd.space import allocate, release, require_usable
@@ -70,6 +71,25 @@ def block_status(st: VhdState, offset: int, length: int) -> tuple:
         if pos < bend:
             break  # the run changed inside a block
     return status, pos - offset
+
+
+def map_extent(st: VhdState, offset: int, length: int, has_parent: bool) -> MapExtent:
+    """qemu-img map's view: a fixed disk is its file (holes: data reading
+    as zeros); a dynamic disk's block is data at its place after the
+    bitmap, a free block of a disk without a parent is ZERO."""
+    end = min(offset + length, st.size)
+    if offset >= end:
+        return MapExtent(Status.ZERO, max(length, 1))
+    if st.disk_type == TYPE_FIXED:
+        return flat_extent(st.file, offset, end - offset)
+    status, n = block_status(st, offset, length)
+    if status == Status.UNALLOCATED and not has_parent:
+        return MapExtent(Status.ZERO, n)
+    if status != Status.DATA:
+        return MapExtent(status, n)
+    idx = offset // st.block
+    n = min(n, (idx + 1) * st.block - offset)
+    return MapExtent(Status.DATA, n, data_offset(st, idx) + offset - idx * st.block)
 
 
 def readinto(st: VhdState, offset: int, buf) -> None:

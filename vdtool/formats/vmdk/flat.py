@@ -9,8 +9,9 @@ and ``path`` (None for ZERO), ``capacity`` (sectors), ``size`` (bytes),
 
 from __future__ import annotations
 
-from vdtool.core.backend import Status
+from vdtool.core.backend import MapExtent, Status
 from vdtool.core.bytesutil import zeros
+from vdtool.core.extents import flat_extent
 from vdtool.core.errors import NotSupported
 from vdtool.formats.vmdk.layout import SECTOR
 
@@ -43,6 +44,11 @@ class FlatExtent:
         hole = self.file.next_hole(fo + offset) - fo
         return Status.DATA, max(1, min(hole, end) - offset)
 
+    def map_extent(self, offset: int, length: int) -> MapExtent:
+        """Data at its place in the file; holes are data reading as zeros
+        (as QEMU reports flat extents)."""
+        return flat_extent(self.file, self.file_offset + offset, min(length, self.size - offset))
+
     def readinto(self, offset: int, mv) -> None:
         self.file.readinto(self.file_offset + offset, mv)
 
@@ -74,6 +80,9 @@ class ZeroExtent:
 
     def block_status(self, offset: int, length: int) -> tuple:
         return Status.ZERO, length
+
+    def map_extent(self, offset: int, length: int) -> MapExtent:
+        return MapExtent(Status.ZERO, length)
 
     def readinto(self, offset: int, mv) -> None:
         mv[:] = zeros(len(mv))

@@ -14,7 +14,7 @@ from array import array
 from itertools import compress as _select
 from typing import Callable, Optional
 
-from vdtool.core.backend import Status
+from vdtool.core.backend import MapExtent, Status
 from vdtool.core.bytesutil import U32, align_up, ceil_div, le_array, le_bytes
 from vdtool.core.errors import CorruptImageError, FormatError, NotSupported, UnsupportedFeature, VdError
 from vdtool.formats.vmdk.layout import (DEFAULT_DESCRIPTOR_SECTORS, DEFAULT_GRAIN_SECTORS, DEFAULT_GTES,
@@ -280,6 +280,21 @@ class SparseExtent:
             pat = _DATA_RUN_ZG if self.zero_grain else _DATA_RUN
         m = pat.match(le_bytes(t), 4 * j)
         return self.status_of(e), max(j + 1, m.end() // 4)
+
+    def map_extent(self, offset: int, length: int) -> MapExtent:
+        """Grains stored one after another are one run at their place in
+        the file; compressed grains have no host offset."""
+        status, n = self.block_status(offset, length)
+        if status != Status.DATA:
+            return MapExtent(status, n)
+        if self.compressed:
+            return MapExtent(Status.DATA, n, compressed=True, file=self.path)
+        gb = self.grain_bytes
+        g = offset // gb
+        within = offset - g * gb
+        e = self.gte(g)
+        run = self._contiguous(g, e, within, min(gb - within, n), n)
+        return MapExtent(Status.DATA, min(run, n), e * SECTOR + within, file=self.path)
 
     def grain_data(self, e: int, g: int) -> bytes:
         """Compressed grain ``g`` at sector ``e``, inflated (the last one cached)."""
