@@ -146,3 +146,32 @@ class Recorder:
             assert v and v[-1] == 100 and v.count(100) == 1, v
         else:
             assert 100 not in v, v
+
+
+def run_on_pty(argv, cwd=None, env=None, winsize=None, stdout=None) -> tuple:
+    """Run ``argv`` with stderr (and stdout unless ``stdout`` is given) on a
+    pseudo-terminal, optionally of ``winsize`` (rows, cols); returns (exit
+    status, what it wrote to the terminal)."""
+    import fcntl
+    import os
+    import pty
+    import subprocess
+    import termios
+
+    master, slave = pty.openpty()
+    if winsize is not None:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", winsize[0], winsize[1], 0, 0))
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=stdout if stdout is not None else slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=60)
+    os.close(master)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")

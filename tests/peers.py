@@ -104,3 +104,18 @@ def qemu_raw(path, folder, fmt: str | None = None) -> bytes:
             return f.read()
     finally:
         os.unlink(out)
+
+
+def qemu_make(folder, name, fmt, size, *writes, opts=None, backing=None, backing_fmt=None):
+    """An image made by qemu-img (``-o opts``, over ``backing``), then
+    ``writes`` (qemu-io commands) run on it; its path."""
+    p = folder / name
+    args = ["create", "-q", "-f", fmt]
+    if opts:
+        args += ["-o", opts]
+    if backing:
+        args += ["-b", backing, "-F", backing_fmt]
+    qemu_img(*args, str(p), *([size] if size else []))
+    if writes:
+        qemu_io(p, *writes, fmt=fmt)
+    return p

@@ -10,24 +10,14 @@ import time
 
 import pytest
 
-from peers import need, qemu_img, qemu_io
+from peers import need, qemu_img, qemu_io, qemu_make
 from vdrun import cli
 from vdtool.core import ops
 
 MiB = 1 << 20
 
 
-def make(folder, name, fmt, size, *writes, opts=None, backing=None, backing_fmt=None):
-    p = folder / name
-    args = ["create", "-q", "-f", fmt]
-    if opts:
-        args += ["-o", opts]
-    if backing:
-        args += ["-b", backing, "-F", backing_fmt]
-    qemu_img(*args, str(p), *([size] if size else []))
-    if writes:
-        qemu_io(p, *writes, fmt=fmt)
-    return p
+make = qemu_make  # an image qemu-img makes, with qemu-io writes
 
 
 def judge(folder, *args):

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from peers import qemu_img, qemu_io
+from peers import qemu_img, qemu_io, qemu_make
 from vdrun import cli
 from vdtool.core import ops
 from vdtool.core.backend import ImageBackend, MapExtent, Status
@@ -43,17 +43,7 @@ def assert_same_map(path, fmt=None, *qemu_args, start=0, max_length=None):
     assert got == want, f"vdtool: {got}\nqemu-img: {want}"
 
 
-def make(tmp_path, name, fmt, size, *writes, opts=None, backing=None, backing_fmt=None):
-    p = tmp_path / name
-    args = ["create", "-q", "-f", fmt]
-    if opts:
-        args += ["-o", opts]
-    if backing:
-        args += ["-b", backing, "-F", backing_fmt]
-    qemu_img(*args, str(p), *([size] if size else []))
-    if writes:
-        qemu_io(p, *writes, fmt=fmt)
-    return p
+make = qemu_make  # an image qemu-img makes, with qemu-io writes
 
 
 WRITES = ("write -P 1 0 64k", "write -P 2 1M 4k", "write -z 2M 64k", "write -P 3 3M 1M")

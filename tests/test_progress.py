@@ -5,20 +5,17 @@ qemu-img form on a terminal without columns."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import pty
 import re
 import signal
-import struct
 import subprocess
 import sys
-import termios
 import time
 
 import pytest
 
+from helpers import run_on_pty
 from vdrun import cli, vdtool_env
 
 M = 1 << 20
@@ -95,22 +92,7 @@ def test_a_terminal_without_columns_gets_qemu_img_lines(tmp_path):
     """A bar cannot be drawn in zero columns (some CI runners' ptys): the
     progress falls back to qemu-img's lines instead of vanishing."""
     _source(tmp_path, 4)
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "vdtool", "convert", "src.img", "out.img"], cwd=tmp_path,
-                            env=vdtool_env(), stdout=subprocess.PIPE, stderr=slave)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 4096)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    proc.wait(timeout=60)
-    os.close(master)
-    text = b"".join(chunks).decode()
-    assert proc.returncode == 0
+    code, text = run_on_pty([sys.executable, "-m", "vdtool", "convert", "src.img", "out.img"], cwd=tmp_path,
+                            env=vdtool_env(), winsize=(0, 0), stdout=subprocess.PIPE)
+    assert code == 0
     assert "(100.00/100%)" in text and "|" not in text, repr(text)

@@ -3,32 +3,16 @@ NO_COLOR gets the plain text exactly as documented."""
 
 from __future__ import annotations
 
-import os
-import pty
-import subprocess
 import sys
 
+from helpers import run_on_pty
 from vdrun import cli, vdtool_env
 
 
 def _on_a_terminal(args, cwd, **env):
     """Run vdtool with stdout and stderr on a pseudo-terminal; what it wrote."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "vdtool", *map(str, args)], cwd=cwd,
-                            env=vdtool_env(TERM="xterm", COLUMNS="120", **env), stdout=slave, stderr=slave)
-    os.close(slave)
-    out = []
-    while True:
-        try:
-            data = os.read(master, 4096)
-        except OSError:
-            break
-        if not data:
-            break
-        out.append(data)
-    proc.wait(timeout=60)
-    os.close(master)
-    return proc.returncode, b"".join(out).decode(errors="replace")
+    return run_on_pty([sys.executable, "-m", "vdtool", *map(str, args)], cwd=cwd,
+                      env=vdtool_env(TERM="xterm", COLUMNS="120", **env))
 
 
 def test_error_is_red_on_a_terminal_and_plain_in_a_pipe(tmp_path):
