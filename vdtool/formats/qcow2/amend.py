@@ -22,16 +22,16 @@ from __future__ import annotations
 import sys
 from array import array
 
-from vdtool.core.bytesutil import be_bytes, ceil_div
+from vdtool.core.bytesutil import ceil_div
 from vdtool.core.errors import NotSupported, UnsupportedFeature, VdError
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.formats.qcow2 import header, snapshot
 from vdtool.formats.qcow2.layout import (ADDITIONAL_FIELDS_V3, CHECK_MAX_CLUSTERS, COMPAT_LAZY_REFCOUNTS,
                                          EXT_DATA_FILE, EXT_FEATURE_TABLE, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
-                                         L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_REFTABLE_BYTES, OFLAG_COMPRESSED,
-                                         OFLAG_COPIED, OFLAG_ZERO, REFT_OFFSET_MASK, V2_HEADER_LENGTH,
+                                         L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED,
+                                         OFLAG_COPIED, REFT_OFFSET_MASK, V2_HEADER_LENGTH,
                                          V3_HEADER_LENGTH, feature_table_bytes)
-from vdtool.formats.qcow2.refcount import RefCodec
+from vdtool.formats.qcow2.refcount import RefCodec, write_fresh_structures
 
 COMPAT_LEVELS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 # qemu-img amend's qcow2 options vdtool does not change, and why
@@ -246,32 +246,8 @@ def change_refcount_order(st, refcounts, clusters, order: int, progress: Progres
         raise VdError(f"cannot decrease refcount entry width to {codec.bits} bits: cluster at offset {ci << cb:#x} "
                       f"has a refcount of {old[ci]}", st.path)
     progress.update(1, 4)
-    E = codec.entries
-    shift = E.bit_length() - 1
-    nonzero = set()
-    for rti in range(ceil_div(n, E)):
-        seg = old[rti * E:(rti + 1) * E]
-        if seg.count(0) != len(seg):
-            nonzero.add(rti)
-    P = n
-    idx, T = _table_size(cs, shift, P, nonzero)
-    end = P + len(idx) + T
-    new = codec.zeros(end)
-    new[:n] = array(codec.typecode, old)
-    for c in range(P, end):
-        new[c] += 1
-    rt = array("Q", bytes(T * cs))
-    for k, rti in enumerate(idx):
-        boff = (P + k) << cb
-        rt[rti] = boff
-        seg = new[rti * E:(rti + 1) * E]
-        if len(seg) < E:
-            seg.extend(codec.zeros(E - len(seg)))
-        st.file.pwrite(boff, codec.encode(seg))
-    rt_off = (P + len(idx)) << cb
-    st.file.pwrite(rt_off, be_bytes(rt))
+    rt, rt_off, T, end = write_fresh_structures(st, old, codec, n)  # flushed before the header names them
     st.note_written(end << cb)
-    st.sync()  # the new structures are on disk before the header names them
     progress.update(2, 4)
     old_rt_off, old_rt_clusters = st.rt_offset, st.rt_clusters
     old_blocks = sorted({e & REFT_OFFSET_MASK for e in st.rt if e & REFT_OFFSET_MASK})
@@ -297,20 +273,3 @@ def change_refcount_order(st, refcounts, clusters, order: int, progress: Progres
     st.sync()
     refcounts.punch(freed)
     progress.update(4, 4)
-
-
-def _table_size(cs: int, shift: int, P: int, nonzero: set) -> tuple:
-    """(table indexes that get a block, table clusters) of refcount
-    structures placed at cluster ``P``, blocks first (they count themselves)."""
-    B, T = 0, 1
-    while True:
-        end = P + B + T
-        idx = sorted(nonzero | set(range(P >> shift, ((end - 1) >> shift) + 1)))
-        nT = max(1, ceil_div((idx[-1] + 1) * 8, cs))
-        if len(idx) == B and nT == T:
-            break
-        B, T = len(idx), nT
-    if T * cs > MAX_REFTABLE_BYTES:
-        raise UnsupportedFeature(f"the refcount table would need {T * cs} bytes, above the limit of "
-                                 f"{MAX_REFTABLE_BYTES}; use fewer refcount bits")
-    return idx, T

@@ -17,15 +17,16 @@ import sys
 from array import array
 
 from vdtool.core.backend import CheckResult
-from vdtool.core.bytesutil import be_array, be_bytes, ceil_div
-from vdtool.core.errors import UnsupportedFeature, VdError
+from vdtool.core.bytesutil import be_array, ceil_div
+from vdtool.core.errors import VdError
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.formats.qcow2 import snapshot
 from vdtool.formats.qcow2.layout import (AUTOCLEAR_BITMAPS, BITMAP_DIR_ENTRY, BITMAPS_EXTENSION,
                                          CHECK_MAX_CLUSTERS, EXT_BITMAPS, INCOMPAT_CORRUPT, L1E_OFFSET_MASK,
                                          L1E_RESERVED, L2E_OFFSET_MASK, L2E_RESERVED, MAX_BITMAPS,
-                                         MAX_REFTABLE_BYTES, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+                                         OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
                                          REFT_OFFSET_MASK, SC_ALLOC_ALL, SC_ZERO_ALL)
+from vdtool.formats.qcow2.refcount import write_fresh_structures
 
 
 class _Walk:
@@ -527,51 +528,9 @@ def _rebuild_refcounts(st, refcounts, ref: array) -> None:
     """A fresh refcount table and blocks describing ``ref``, written past the
     end of the file and switched to with one header write (the old ones are
     simply no longer counted)."""
-    cs, cb = st.cs, st.cb
-    E = st.rc.entries
-    P = max(len(ref), ceil_div(st.file.size(), cs), st.alloc_end)
-    nonzero = set()
-    for rti in range(ceil_div(len(ref), E)):
-        seg = ref[rti * E:(rti + 1) * E]
-        if seg.count(0) != len(seg):
-            nonzero.add(rti)
-    idx, T = _rebuilt_table_size(st, P, nonzero)
-    end = P + len(idx) + T
-    ref = array(ref.typecode, ref)
-    if len(ref) < end:
-        ref.extend(array(ref.typecode, bytes((end - len(ref)) * ref.itemsize)))
-    for c in range(P, end):
-        ref[c] += 1
-    rt = array("Q", bytes(T * cs))
-    for k, rti in enumerate(idx):
-        boff = (P + k) << cb
-        rt[rti] = boff
-        seg = ref[rti * E:(rti + 1) * E]
-        if len(seg) < E:
-            seg.extend(array(ref.typecode, bytes((E - len(seg)) * ref.itemsize)))
-        st.file.pwrite(boff, st.rc.encode(seg))
-    rt_off = (P + len(idx)) << cb
-    st.file.pwrite(rt_off, be_bytes(rt))
-    st.sync()
+    first = max(len(ref), ceil_div(st.file.size(), st.cs), st.alloc_end)
+    rt, rt_off, T, end = write_fresh_structures(st, ref, st.rc, first)
     refcounts.switch_table(rt, rt_off, T, end)
-
-
-def _rebuilt_table_size(st, P: int, nonzero: set) -> tuple:
-    """(table indexes with a block, table clusters) of a rebuilt structure
-    whose blocks and table start at cluster ``P`` (they count themselves)."""
-    shift = st.rb_shift
-    B, T = 0, 1
-    while True:
-        end = P + B + T
-        idx = sorted(nonzero | set(range(P >> shift, ((end - 1) >> shift) + 1)))
-        nT = max(1, ceil_div((idx[-1] + 1) * 8, st.cs))
-        if len(idx) == B and nT == T:
-            break
-        B, T = len(idx), nT
-    if T * st.cs > MAX_REFTABLE_BYTES:
-        raise UnsupportedFeature(f"a rebuilt refcount table would need {T * st.cs} bytes, above the limit of "
-                                 f"{MAX_REFTABLE_BYTES}", st.path)
-    return idx, T
 
 
 # -- step 4: OFLAG_COPIED against the refcounts ------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from array import array
 
-from vdtool.core.bytesutil import U32, be_array, be_bytes, ceil_div
+from vdtool.core.bytesutil import U32, U64, be_array, be_bytes, ceil_div
 from vdtool.core.errors import UnsupportedFeature
 from vdtool.formats.qcow2.layout import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, SECTOR
 
@@ -375,3 +375,54 @@ class Refcounts:
                 st.file.punch_hole(start << cb, (min(prev + 1, limit) - start) << cb)
             if c is not None:
                 start = prev = c
+
+
+def write_fresh_structures(st, counts: array, codec: RefCodec, first: int) -> tuple:
+    """Refcount blocks and a refcount table describing ``counts`` (one entry
+    per cluster) at ``codec``'s width, written from cluster ``first`` on
+    (the blocks, then the table: they count themselves) and flushed, so a
+    header may name them next.  Used by check's rebuild and amend's width
+    change.  Returns (table, table offset, table clusters, end cluster)."""
+    cs, cb = st.cs, st.cb
+    E = codec.entries
+    nonzero = set()
+    for rti in range(ceil_div(len(counts), E)):
+        seg = counts[rti * E:(rti + 1) * E]
+        if seg.count(0) != len(seg):
+            nonzero.add(rti)
+    idx, T = _fresh_table_size(st, E.bit_length() - 1, first, nonzero)
+    end = first + len(idx) + T
+    new = codec.zeros(end)
+    new[:len(counts)] = array(codec.typecode, counts)
+    for c in range(first, end):
+        new[c] += 1
+    rt = array(U64, bytes(T * cs))
+    for k, rti in enumerate(idx):
+        boff = (first + k) << cb
+        rt[rti] = boff
+        seg = new[rti * E:(rti + 1) * E]
+        if len(seg) < E:
+            seg.extend(codec.zeros(E - len(seg)))
+        st.file.pwrite(boff, codec.encode(seg))
+    rt_off = (first + len(idx)) << cb
+    st.file.pwrite(rt_off, be_bytes(rt))
+    st.sync()
+    return rt, rt_off, T, end
+
+
+def _fresh_table_size(st, shift: int, first: int, nonzero: set) -> tuple:
+    """(table indexes that get a block, table clusters) of refcount
+    structures placed at cluster ``first``, blocks first (they count
+    themselves)."""
+    B, T = 0, 1
+    while True:
+        end = first + B + T
+        idx = sorted(nonzero | set(range(first >> shift, ((end - 1) >> shift) + 1)))
+        nT = max(1, ceil_div((idx[-1] + 1) * 8, st.cs))
+        if len(idx) == B and nT == T:
+            break
+        B, T = len(idx), nT
+    if T * st.cs > MAX_REFTABLE_BYTES:
+        raise UnsupportedFeature(f"the refcount table would need {T * st.cs} bytes, above QEMU's limit of "
+                                 f"{MAX_REFTABLE_BYTES}", st.path)
+    return idx, T
