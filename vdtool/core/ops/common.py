@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from typing import Optional
@@ -47,11 +48,30 @@ def parse_option_pairs(pairs) -> dict:
     return out
 
 
-def refuse_existing(path: str, force: bool) -> None:
-    if os.path.lexists(path) and not force:
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISBLK, "a block device"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def destination(path: str, force: bool) -> str:
+    """The file a new image is written to in place of ``path``: a symlink
+    is followed to its target (as qemu-img and cp do, so the link stays a
+    link), an existing file is replaced only with ``force``, and anything
+    that is not a regular file (a device, FIFO, socket or folder) is never
+    replaced, with or without ``force``."""
+    target = os.path.realpath(path) if os.path.islink(path) else path
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return target
+    except OSError as e:
+        raise VdError(f"cannot look at the destination: {e.strerror or e}", path) from None
+    for test, kind in _KINDS:
+        if test(st.st_mode):
+            raise VdError(f"is {kind}; vdtool replaces nothing but regular files (writing an image into "
+                          f"{kind} is not supported yet)", path)
+    if not force:
         raise VdError("already exists; use --force to overwrite it", path)
-    if os.path.isdir(path):
-        raise VdError("is a directory", path)
+    return target
 
 
 @contextmanager
@@ -62,7 +82,7 @@ def staged_output(final_path: str, force: bool, durable: bool = True):
     failure all of it is removed.  No half-written image ever carries the
     final name.  ``durable`` also fsyncs the folder after the renames (the
     files themselves are synced by whoever wrote them)."""
-    refuse_existing(final_path, force)
+    final_path = destination(final_path, force)
     folder = os.path.dirname(os.path.abspath(final_path))
     if not os.path.isdir(folder):
         raise VdError("folder does not exist", folder)
