@@ -118,3 +118,22 @@ def test_ignored_sighup_stays_ignored(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert sorted(os.listdir(tmp_path)) == ["out.qcow2", "src.img"]
+
+
+def test_a_staging_folder_left_by_sigkill_is_swept_next_time(tmp_path):
+    """SIGKILL gives no chance to clean up: the next vdtool writing into the
+    folder removes what a dead vdtool left and says so; a live one's stays."""
+    _busy_source(tmp_path / "src.img")
+    proc = _start(["convert", "-c", "-O", "qcow2", "src.img", "out.qcow2"], tmp_path)
+    _wait_for_staging(tmp_path, proc)
+    proc.kill()
+    proc.wait()
+    left = [n for n in os.listdir(tmp_path) if n.startswith(".vdtool-")]
+    assert len(left) == 1 and left[0].startswith(f".vdtool-{proc.pid}-")
+    live = tmp_path / f".vdtool-{os.getpid()}-keep"  # this test's own process: alive
+    live.mkdir()
+    r = subprocess.run([sys.executable, "-m", "vdtool", "create", "-f", "raw", "x.img", "1M"], cwd=tmp_path,
+                       env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"removed a staging folder left by an interrupted vdtool (process {proc.pid} is gone)" in r.stderr
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".vdtool-")) == [live.name]

@@ -74,6 +74,36 @@ def destination(path: str, force: bool) -> str:
     return target
 
 
+STAGE_PREFIX = ".vdtool-"
+
+
+def sweep_stale_stages(folder: str) -> None:
+    """Remove staging folders that a killed vdtool (SIGKILL, power loss)
+    left in ``folder``: their name carries the owner's process id, and one
+    whose process is gone is removed and mentioned on stderr.  A folder
+    whose owner still runs (or whose name has no process id) is left."""
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(STAGE_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        pid_text = name[len(STAGE_PREFIX):].split("-", 1)[0]
+        path = os.path.join(folder, name)
+        if not pid_text.isdigit() or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # its owner still runs
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, ValueError):
+            continue  # someone else's process, or not a process id at all
+        shutil.rmtree(path, ignore_errors=True)
+        from vdtool.core.untrusted import notice
+
+        notice(f"{path}: removed a staging folder left by an interrupted vdtool (process {pid_text} is gone)")
+
+
 @contextmanager
 def staged_output(final_path: str, force: bool, durable: bool = True):
     """Yield a path in a private folder beside ``final_path`` (same
@@ -86,7 +116,8 @@ def staged_output(final_path: str, force: bool, durable: bool = True):
     folder = os.path.dirname(os.path.abspath(final_path))
     if not os.path.isdir(folder):
         raise VdError("folder does not exist", folder)
-    stage = tempfile.mkdtemp(prefix=".vdtool-", dir=folder)
+    sweep_stale_stages(folder)
+    stage = tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=folder)
     ok = False
     staged = os.path.join(stage, os.path.basename(final_path))
     try:
