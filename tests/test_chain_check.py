@@ -67,3 +67,35 @@ def test_qemu_img_agrees_on_a_missing_backing_file(tmp_path):
     os.unlink(base)
     q = peers.qemu_img("check", str(top), check=False)
     assert q.returncode == cli("check", top).returncode == 1
+
+
+@pytest.mark.parametrize("fmt", ["vhd", "vmdk"])
+def test_parent_search_finds_a_moved_and_renamed_parent_by_identity(tmp_path, fmt):
+    """--parent-search finds VHD (UUID) and VMDK (CID) parents by the
+    identity the child recorded, not only by name, as VDI's by UUID."""
+    base, top = _chain(tmp_path, fmt)
+    away = tmp_path / "elsewhere"
+    away.mkdir()
+    decoy = away / f"decoy.{fmt}"
+    cli("create", "-f", fmt, decoy, "4M", expect=0)
+    os.rename(base, away / f"renamed.{fmt}")
+    assert cli("check", top).returncode == 1
+    r = cli("check", "--parent-search", away, top)
+    assert r.returncode == 0, r.stdout
+    info = json.loads(cli("info", "--output", "json", "--parent-search", away, top, expect=0).stdout)
+    assert info["parent-found"] is True and info["parent-path"].endswith(f"renamed.{fmt}")
+
+
+def test_create_unsafe_records_a_parent_that_does_not_exist(tmp_path):
+    """create -u, as qemu-img create -u: the parent is recorded as given,
+    not opened; qemu-img reads the same backing file and format."""
+    cli("create", "-u", "-b", "later.qcow2", "-F", "qcow2", tmp_path / "top.qcow2", "8M", expect=0)
+    q = peers.qemu_info(tmp_path / "top.qcow2", "qcow2")
+    assert q["backing-filename"] == "later.qcow2" and q["backing-filename-format"] == "qcow2"
+    assert cli("check", tmp_path / "top.qcow2").returncode == 1  # until the parent exists
+    cli("create", "-f", "qcow2", tmp_path / "later.qcow2", "8M", expect=0)
+    assert cli("check", tmp_path / "top.qcow2").returncode == 0
+    r = cli("create", "-u", "-b", "p.vdi", "-F", "vdi", tmp_path / "t.vdi", "8M")
+    assert r.returncode == 2 and "UUID" in r.stderr and not (tmp_path / "t.vdi").exists()
+    r = cli("create", "-u", "-b", "p.qcow2", tmp_path / "t.qcow2", "8M")
+    assert r.returncode == 2 and "-F" in r.stderr

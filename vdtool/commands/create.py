@@ -14,6 +14,7 @@ Examples:
   vdtool create -f raw disk.img 512M
   vdtool create --variant full disk.img 1G  # preallocated raw
   vdtool create -b base.qcow2 overlay.qcow2 # overlay, size of the parent
+  vdtool create -u -b base.qcow2 -F qcow2 overlay.qcow2 10G  # base need not exist yet
   vdtool create -f qcow2 -o compat=0.10 old.qcow2 1G
   vdtool create -f qcow2 -o help            # list the qcow2 options"""
 
@@ -27,11 +28,15 @@ Examples:
                                                       "(default: a random one).")
 @click.option("--comment", metavar="TEXT", default=None,
               help="A comment (description) stored in the image, where the format has a place for it.")
+@click.option("-u", "--unsafe", is_flag=True,
+              help="With -b: record the parent as given without opening it, so it need not exist yet (as "
+                   "qemu-img create -u); needs -F and SIZE.  qcow2 only: the other formats record their "
+                   "parent's UUID or CID, read from the parent.")
 @progress_options
 @image_options
 @click.argument("file", required=False, metavar="FILE", type=click.Path(dir_okay=True))
 @click.argument("size", required=False, metavar="[SIZE]", type=SIZE)
-def command(file, size, fmt, variant, block_size, parent, parent_format, options, force, uuid, comment,
+def command(file, size, fmt, variant, block_size, parent, parent_format, options, force, uuid, comment, unsafe,
             show_progress, quiet, parent_search, untrusted):
     """Create a new image FILE of SIZE bytes.
 
@@ -56,7 +61,7 @@ def command(file, size, fmt, variant, block_size, parent, parent_format, options
     with long_operation("Creating", quiet=quiet, show_progress=show_progress) as progress:
         result = create(file, size, fmt=fmt, variant=variant, block_size=block_size, parent=parent,
                         parent_format=parent_format, uuid=uuid, comment=comment, options=opts, force=force,
-                        parent_search=parent_search, untrusted=untrusted, progress=progress)
+                        parent_search=parent_search, untrusted=untrusted, unsafe=unsafe, progress=progress)
     line = f"Formatting '{file}', fmt={result['format']}"
     if variant:
         line += f" variant={variant}"

@@ -235,6 +235,10 @@ class ImageBackend:
     extensions: ClassVar[tuple] = ()
     capabilities: ClassVar[Cap] = Cap.NONE
     variants: ClassVar[tuple] = ()  # first is the default
+    # An overlay records facts read from its parent (VDI/VHD UUIDs, VMDK's
+    # CID), so the parent must exist to create one; qcow2 records a name
+    # and a format only, and takes ``create -u`` (the parent need not exist).
+    parent_identity: ClassVar[bool] = True
     options: ClassVar[tuple] = ()  # FormatOption, for -o
     amend_options: ClassVar[tuple] = ()  # FormatOption, for amend -o (what can change in place)
 

@@ -161,3 +161,38 @@ def find_by_uuid(child_path: str, ref, search_dirs=(), *, opener: Callable) -> O
             if ok(p, False):
                 return p
     return None
+
+
+def find_by_identity(child_path: str, ref, search_dirs, *, opener: Callable) -> Optional[str]:
+    """A parent named by a file name that is not where the name says, found
+    in the ``search_dirs`` (``--parent-search``) by the identity the child
+    recorded: the UUID (VHD), else every attribute of
+    ``ref.extra["expect"]`` (VMDK's CID).  Only image files of the formats
+    that record such an identity are opened, at most MAX_ENTRIES_PER_DIR a
+    folder; None when nothing matches."""
+    want_uuid = _norm(ref.uuid) if ref.uuid else None
+    expect = {k: str(v).lower() for k, v in ref.extra.get("expect", {}).items() if v is not None}
+    if want_uuid is None and not expect:
+        return None
+    me = os.path.abspath(child_path)
+    for folder in dict.fromkeys(os.path.abspath(d) for d in search_dirs if os.path.isdir(d)):
+        for path in _list(folder):
+            if os.path.abspath(path) == me or os.path.splitext(path)[1].lower() not in _UUID_EXTS:
+                continue
+            try:
+                img = opener(path)
+            except Exception:  # an unreadable candidate is simply not the parent
+                continue
+            try:
+                if want_uuid is not None:
+                    hit = _norm(img.uuid) == want_uuid if img.uuid else False
+                else:
+                    hit = all(str(getattr(img, k, None)).lower() == v for k, v in expect.items())
+            finally:
+                try:
+                    img.close()
+                except Exception:
+                    pass
+            if hit:
+                return path
+    return None

@@ -199,6 +199,11 @@ def resolve_parent_path(child_path: str, ref: ParentRef, search_dirs=()) -> Opti
             return c
     if not names and ref.uuid:
         return locate.find_by_uuid(child_path, ref, search_dirs, opener=open_backend)
+    if names and search_dirs:
+        # moved and renamed: the --parent-search folders, by recorded identity (VHD UUID, VMDK CID)
+        found = locate.find_by_identity(child_path, ref, search_dirs, opener=open_backend)
+        if found:
+            return found
     return candidates[0] if candidates else None
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from vdtool.core.backend import Cap
+from vdtool.core import registry
+from vdtool.core.backend import Cap, ParentSpec
 from vdtool.core.errors import NotSupported, UsageError
 from vdtool.core.ops.common import (backend_for_new_image, open_parent, output_format, parent_spec,
                                     staged_output)
@@ -14,8 +15,12 @@ from vdtool.core.progress import NO_PROGRESS, Progress
 def create(path: str, size: Optional[int] = None, *, fmt: Optional[str] = None, variant: Optional[str] = None,
            block_size: Optional[int] = None, parent: Optional[str] = None, parent_format: Optional[str] = None,
            uuid: Optional[str] = None, comment: Optional[str] = None, options: Optional[dict] = None,
-           force: bool = False, parent_search=(), untrusted: bool = False, progress: Progress = NO_PROGRESS) -> dict:
-    """Create ``path``; returns ``{"filename", "format", "virtual-size"}``."""
+           force: bool = False, parent_search=(), untrusted: bool = False, unsafe: bool = False,
+           progress: Progress = NO_PROGRESS) -> dict:
+    """Create ``path``; returns ``{"filename", "format", "virtual-size"}``.
+    ``unsafe`` (qemu-img create -u): record ``parent`` (with
+    ``parent_format``, and ``size`` given) without opening it, so it need
+    not exist yet; only for formats that record no parent identity."""
     name = output_format(path, fmt)
     backend = backend_for_new_image(path, name, variant)
     opts = backend.parse_options(dict(options or {}))
@@ -27,9 +32,11 @@ def create(path: str, size: Optional[int] = None, *, fmt: Optional[str] = None, 
     pstack = None
     try:
         spec = None
-        if parent:
-            if not backend.capabilities & Cap.DIFF:
-                raise NotSupported("a parent image", name, path)
+        if parent and not backend.capabilities & Cap.DIFF:
+            raise NotSupported("a parent image", name, path)
+        if unsafe:
+            spec = _unopened_parent(backend, name, parent, parent_format, size)
+        elif parent:
             pstack = open_parent(parent, parent_format, parent_search, untrusted=untrusted)
             spec = parent_spec(path, pstack)
             if size is None:
@@ -57,3 +64,14 @@ def create(path: str, size: Optional[int] = None, *, fmt: Optional[str] = None, 
     finally:
         if pstack is not None:
             pstack.close()
+
+
+def _unopened_parent(backend, name: str, parent: Optional[str], parent_format: Optional[str],
+                     size: Optional[int]) -> ParentSpec:
+    """The parent of ``create -u``, recorded as given without opening it."""
+    if not parent or not parent_format or size is None:
+        raise UsageError("-u/--unsafe needs the parent (-b), its format (-F) and a size: the parent is not opened")
+    if backend.parent_identity:
+        raise UsageError(f"{name} records its parent's identity (UUID or CID), read from the parent: it must "
+                         f"exist, so -u/--unsafe is only for qcow2")
+    return ParentSpec(path=parent, recorded_name=parent, format=registry.canonical_name(parent_format), size=size)

@@ -50,6 +50,7 @@ class Qcow2Backend(ImageBackend):
     capabilities = (Cap.CREATE_DYNAMIC | Cap.CREATE_FIXED | Cap.DIFF | Cap.WRITE | Cap.DISCARD | Cap.COMPACT
                     | Cap.RESIZE | Cap.SHRINK | Cap.CHECK | Cap.REPAIR | Cap.COMPRESS | Cap.ZERO_MARKER)
     variants = ("sparse", "metadata", "full")
+    parent_identity = False  # a backing file is a name and a format
     options = (
         FormatOption("compat", str, "1.1", "qcow2 version: 0.10 (version 2) or 1.1 (version 3)",
                      ("0.10", "1.1", "v2", "v3")),
