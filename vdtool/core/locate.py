@@ -14,7 +14,6 @@ extension says they could be one."""
 from __future__ import annotations
 
 import os
-import uuid as uuidlib
 from typing import Callable, Optional
 
 MAX_ENTRIES_PER_DIR = 4096
@@ -25,7 +24,9 @@ _UUID_EXTS = {".vmdk", ".vhd", ".vhdx", ".hdd", ".hds"}
 
 def _norm(u) -> Optional[str]:
     try:
-        return str(uuidlib.UUID(str(u).strip().strip("{}"))).lower()
+        import uuid  # here, not at the top: the stack imports this module at every start
+
+        return str(uuid.UUID(str(u).strip().strip("{}"))).lower()
     except (ValueError, TypeError):
         return None
 
