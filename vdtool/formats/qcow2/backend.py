@@ -38,7 +38,7 @@ from vdtool.core.registry import qemu_driver_name
 from vdtool.formats.qcow2 import header, snapshot
 from vdtool.formats.qcow2.cluster import ClusterMap, compress_cluster
 from vdtool.formats.qcow2.layout import (COMPAT_LAZY_REFCOUNTS, EXT_DATA_FILE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
-                                         MAGIC, SECTOR, decode_name)
+                                         SECTOR, decode_name, probe_score)
 from vdtool.formats.qcow2.refcount import Refcounts
 from vdtool.formats.qcow2.state import Qcow2State
 from vdtool.formats.qcow2.write import Writer
@@ -86,9 +86,7 @@ class Qcow2Backend(ImageBackend):
     # == class level ====================================================================
     @classmethod
     def probe(cls, head: bytes, tail: bytes, file_size: int) -> int:
-        if len(head) >= 8 and head[:4] == MAGIC and int.from_bytes(head[4:8], "big") in (2, 3):
-            return 100
-        return 0
+        return probe_score(head)
 
     def _load_image(self, options: dict) -> None:
         self.st.unsafe = options.get("cache") == "unsafe"

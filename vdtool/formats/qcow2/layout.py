@@ -455,6 +455,13 @@ def sniff(head: bytes, tail: bytes, size: int) -> int:
     return 0
 
 
+def probe_score(head: bytes) -> int:
+    """100 for a qcow2 header of a version vdtool reads (2 or 3), else 0."""
+    if head[:4] == MAGIC and len(head) >= 8:
+        return 100 if unpack_header(head).version in (2, 3) else 0
+    return 0
+
+
 def _name(data: bytes) -> str:
     return data.split(b"\0", 1)[0].decode("utf-8", "replace")
 
