@@ -251,17 +251,8 @@ def change_refcount_order(st, refcounts, clusters, order: int, progress: Progres
     progress.update(2, 4)
     old_rt_off, old_rt_clusters = st.rt_offset, st.rt_clusters
     old_blocks = sorted({e & REFT_OFFSET_MASK for e in st.rt if e & REFT_OFFSET_MASK})
-    st.write_header_fields("refcount_table_offset", "refcount_order", refcount_table_offset=rt_off,
-                           refcount_table_clusters=T, refcount_order=order)
+    refcounts.switch_table(rt, rt_off, T, end, order=order)  # one header write: table and width
     header.set_geometry(st, cb, st.extl2, order)
-    st.rt = rt
-    st.rt_offset = rt_off
-    st.rt_clusters = T
-    st.rb_cache.clear()
-    st.rb_dirty.clear()
-    st.rt_dirty.clear()
-    st.meta_index = None
-    st.alloc_end = max(st.alloc_end, end)
     st.free_hint = 1
     st.free_byte_offset = 0
     progress.update(3, 4)

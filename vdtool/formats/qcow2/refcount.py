@@ -10,6 +10,7 @@ tables that stopped pointing at them are on disk."""
 from __future__ import annotations
 
 from array import array
+from typing import Optional
 
 from vdtool.core.bytesutil import U32, U64, be_array, be_bytes, ceil_div
 from vdtool.core.errors import UnsupportedFeature
@@ -309,12 +310,18 @@ class Refcounts:
                                      f"{MAX_REFTABLE_BYTES}; use a larger cluster size", st.path)
         return need_idx, T
 
-    def switch_table(self, rt: array, rt_off: int, clusters: int, end: int) -> None:
+    def switch_table(self, rt: array, rt_off: int, clusters: int, end: int, order: Optional[int] = None) -> None:
         """Use a refcount table (and its blocks) written elsewhere, already on
-        disk: the header is pointed at it, the caches forget the old one."""
+        disk: the header is pointed at it, the caches forget the old one.
+        ``order``: the new structures have another entry width (amend), set
+        in the same header write; the caller then sets the geometry."""
         st = self.st
-        st.write_header_fields("refcount_table_offset", "refcount_table_clusters", refcount_table_offset=rt_off,
-                               refcount_table_clusters=clusters)
+        if order is None:
+            st.write_header_fields("refcount_table_offset", "refcount_table_clusters",
+                                   refcount_table_offset=rt_off, refcount_table_clusters=clusters)
+        else:
+            st.write_header_fields("refcount_table_offset", "refcount_order", refcount_table_offset=rt_off,
+                                   refcount_table_clusters=clusters, refcount_order=order)
         st.rt = rt
         st.rt_offset = rt_off
         st.rt_clusters = clusters
