@@ -88,3 +88,14 @@ def test_a_directory_is_never_replaced(tmp_path):
     (tmp_path / "d.img").mkdir()
     r = cli("convert", "--force", "src.img", "d.img", cwd=tmp_path)
     assert r.returncode == 1 and "is a directory" in r.stderr and (tmp_path / "d.img").is_dir()
+
+
+def test_dash_is_refused_clearly_until_streams_exist(tmp_path):
+    """'-' (standard input/output) is not supported yet: a clear error, and
+    no file named '-' is made."""
+    _src(tmp_path)
+    r = cli("convert", "-O", "raw", "src.img", "-", cwd=tmp_path)
+    assert r.returncode == 1 and "standard output ('-')" in r.stderr and "not supported yet" in r.stderr
+    r = cli("info", "-", cwd=tmp_path)
+    assert r.returncode == 1 and "standard input ('-')" in r.stderr
+    assert not (tmp_path / "-").exists()

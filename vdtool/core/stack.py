@@ -236,6 +236,8 @@ def open_backend(path: str, fmt: Optional[str] = None, *, writable: bool = False
     from vdtool.core import untrusted as ut
     from vdtool.core.fileio import force_share as sharing
 
+    if path == "-" and not os.path.exists(path):
+        raise VdError("standard input ('-') as an image is not supported yet; name a file", path)
     if not os.path.exists(path):
         raise VdError("no such file", path)
     if os.path.isdir(path):

@@ -58,6 +58,8 @@ def destination(path: str, force: bool) -> str:
     link), an existing file is replaced only with ``force``, and anything
     that is not a regular file (a device, FIFO, socket or folder) is never
     replaced, with or without ``force``."""
+    if path == "-":
+        raise VdError("standard output ('-') as the destination is not supported yet; name a file", path)
     target = os.path.realpath(path) if os.path.islink(path) else path
     try:
         st = os.stat(target)
