@@ -260,9 +260,9 @@ class ImageBackend:
     def open(cls, path: str, *, writable: bool = False, options: Optional[dict] = None) -> "ImageBackend":
         """Open the file and read its metadata (``_load_image``); whatever
         fails on the way, the file is closed again."""
-        from vdtool.core.fileio import ImageFile
+        from vdtool.core.fileio import open_file
 
-        f = ImageFile(path, writable=writable)
+        f = open_file(path, writable=writable)
         img = None
         try:
             img = cls(f)

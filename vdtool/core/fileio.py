@@ -188,6 +188,90 @@ def os_error(path: str, exc: OSError) -> VdError:
     return VdError(exc.strerror or str(exc), path)
 
 
+# -- sources that are not files ---------------------------------------------------
+#
+# Reading goes through open_file(), which gives an ImageFile for a path and,
+# for names that are not files (standard input "-", http:// and https://
+# URLs), an object with ImageFile's read side (SourceFile).  The modules
+# that provide those are imported only when such a name is used.
+STDIN = "-"
+
+
+def is_url(path: str) -> bool:
+    return isinstance(path, str) and path[:8].lower().startswith(("http://", "https://"))
+
+
+def is_special_source(path: str) -> bool:
+    """A name that open_file reads without a file of that name (stdin, a URL)."""
+    return path == STDIN or is_url(path)
+
+
+def open_file(path: str, *, writable: bool = False, lock: bool = True):
+    """The file an image is read from (or written to): an ImageFile, or a
+    read-only SourceFile for standard input and URLs."""
+    if is_special_source(path):
+        if writable:
+            what = "standard input" if path == STDIN else "a URL"
+            raise VdError(f"{what} is read-only: it cannot be opened for writing", path)
+        if path == STDIN:
+            from vdtool.core.streams import stdin_file  # only when '-' is used
+
+            return stdin_file()
+        from vdtool.core.urlfile import HttpFile  # only for URLs
+
+        return HttpFile(path)
+    return ImageFile(path, writable=writable, lock=lock)
+
+
+class SourceFile:
+    """ImageFile's read side for something that is not a local file: a
+    subclass provides ``path``, ``pread(offset, length)`` (short only at the
+    end) and ``size()``; everything here builds on those two."""
+
+    writable = False
+    perms = (0, PERM_ALL)
+
+    def pread_exact(self, offset: int, length: int, what: str = "data") -> bytes:
+        data = self.pread(offset, length)
+        if len(data) != length:
+            raise CorruptImageError(
+                f"{what} at offset {offset} (length {length}) runs past the end of the image "
+                f"(size {self.size()})", self.path)
+        return data
+
+    def readinto(self, offset: int, buf) -> int:
+        mv = memoryview(buf).cast("B")
+        data = self.pread(offset, len(mv))
+        mv[:len(data)] = data
+        if len(data) < len(mv):
+            mv[len(data):] = bytes(len(mv) - len(data))
+        return len(data)
+
+    def set_perms(self, held: int, shared: int) -> None:
+        pass  # nothing to lock: nobody else can write what vdtool reads here
+
+    def allocated_size(self) -> int:
+        return self.size()
+
+    def next_data(self, offset: int) -> int:
+        return offset  # no holes known: all data
+
+    def next_hole(self, offset: int) -> int:
+        return max(offset, self.size())
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class ImageFile:
     """An open image file.  All offsets are absolute byte offsets."""
 

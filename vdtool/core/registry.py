@@ -190,10 +190,10 @@ class ProbeData(NamedTuple):
 
 
 def read_probe_data(path: str) -> ProbeData:
-    from vdtool.core.fileio import ImageFile
+    from vdtool.core.fileio import open_file
 
     # a momentary look at the bytes: no lock (the open that follows locks)
-    with ImageFile(path, lock=False) as f:
+    with open_file(path, lock=False) as f:
         size = f.size()
         head = f.pread(0, 65536)
         tail = f.pread(max(0, size - 4096), min(size, 4096)) if size else b""

@@ -234,14 +234,13 @@ def open_backend(path: str, fmt: Optional[str] = None, *, writable: bool = False
     ``untrusted.notice`` and, when given, the ``warnings`` list."""
     from vdtool.core import registry
     from vdtool.core import untrusted as ut
-    from vdtool.core.fileio import force_share as sharing
+    from vdtool.core.fileio import force_share as sharing, is_special_source
 
-    if path == "-" and not os.path.exists(path):
-        raise VdError("standard input ('-') as an image is not supported yet; name a file", path)
-    if not os.path.exists(path):
-        raise VdError("no such file", path)
-    if os.path.isdir(path):
-        raise VdError("is a directory, not an image file", path)
+    if not is_special_source(path):
+        if not os.path.exists(path):
+            raise VdError("no such file", path)
+        if os.path.isdir(path):
+            raise VdError("is a directory, not an image file", path)
     findings: list = []
     # the first and last bytes, read once for the probe and the inspection
     data = registry.read_probe_data(path) if untrusted or not fmt or fmt == "raw" else None

@@ -159,7 +159,7 @@ def inspect_header(path: str, name: str, data=None) -> tuple:
     can make was looked at here, so the backend need not be opened to find
     more.  ``data``: the file's probe data, when already read."""
     from vdtool.core import registry
-    from vdtool.core.fileio import ImageFile
+    from vdtool.core.fileio import open_file
 
     if name not in registry.LAYOUTS:
         return [], False
@@ -167,7 +167,7 @@ def inspect_header(path: str, name: str, data=None) -> tuple:
     try:
         if data is None:
             data = registry.read_probe_data(path)
-        with ImageFile(path, lock=False) as f:
+        with open_file(path, lock=False) as f:
             def read(offset: int, length: int) -> bytes:
                 # names and descriptors only: bounded however large the header says they are
                 return f.pread(offset, max(0, min(length, 1 << 20)))
