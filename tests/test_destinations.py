@@ -42,21 +42,36 @@ def _socket(path):
 
 @pytest.mark.parametrize("make,kind", [(_block_node, "a block device"), (_fifo, "a FIFO"),
                                        (_socket, "a socket")])
-@pytest.mark.parametrize("command", ["convert", "create"])
-def test_special_files_are_never_replaced(tmp_path, make, kind, command):
+def test_create_never_replaces_special_files(tmp_path, make, kind):
     _src(tmp_path)
     dst = tmp_path / "dst.img"
     make(dst)
     mode = os.lstat(dst).st_mode
     for force in ([], ["--force"]):
-        if command == "convert":
-            r = cli("convert", *force, "-O", "raw", "src.img", "dst.img", cwd=tmp_path)
-        else:
-            r = cli("create", *force, "-f", "raw", "dst.img", "1M", cwd=tmp_path)
+        r = cli("create", *force, "-f", "raw", "dst.img", "1M", cwd=tmp_path)
         assert r.returncode == 1, r.stderr
         assert r.stderr == f"vdtool: error: dst.img: is {kind}; vdtool replaces nothing but regular files " \
-                           f"(writing an image into {kind} is not supported yet)\n"
+                           f"(create makes new images; 'vdtool convert' writes into {kind})\n"
         assert os.lstat(dst).st_mode == mode
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".vdtool-")]
+
+
+@pytest.mark.parametrize("make,message", [
+    (_block_node, "dst.img: is a block device: its content would be overwritten; add --force"),
+    (_socket, "dst.img: is a socket; vdtool writes images into files, pipes and devices only")])
+def test_convert_writes_into_special_files_but_never_replaces_them(tmp_path, make, message):
+    """A device node is written in place (this one has no device behind it,
+    so opening it fails) and a socket is refused; neither is ever replaced
+    by a file, with or without --force."""
+    _src(tmp_path)
+    dst = tmp_path / "dst.img"
+    make(dst)
+    mode = os.lstat(dst).st_mode
+    r = cli("convert", "-O", "raw", "src.img", "dst.img", cwd=tmp_path)
+    assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = cli("convert", "--force", "-O", "raw", "src.img", "dst.img", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith("vdtool: error: dst.img: ") and r.stderr.count("\n") == 1
+    assert os.lstat(dst).st_mode == mode
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".vdtool-")]
 
 
@@ -90,12 +105,9 @@ def test_a_directory_is_never_replaced(tmp_path):
     assert r.returncode == 1 and "is a directory" in r.stderr and (tmp_path / "d.img").is_dir()
 
 
-def test_dash_is_refused_clearly_until_streams_exist(tmp_path):
-    """'-' (standard input/output) is not supported yet: a clear error, and
-    no file named '-' is made."""
+def test_dash_is_never_a_file_named_dash(tmp_path):
+    """'-' is standard output / input: no file named '-' is ever made."""
     _src(tmp_path)
-    r = cli("convert", "-O", "raw", "src.img", "-", cwd=tmp_path)
-    assert r.returncode == 1 and "standard output ('-')" in r.stderr and "not supported yet" in r.stderr
-    r = cli("info", "-", cwd=tmp_path)
-    assert r.returncode == 1 and "standard input ('-')" in r.stderr
+    r = cli("convert", "-O", "raw", "src.img", "-", cwd=tmp_path, text=False)
+    assert r.returncode == 0 and r.stdout == b"\x5a" * (1 << 20)
     assert not (tmp_path / "-").exists()

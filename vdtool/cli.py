@@ -178,8 +178,10 @@ class LazyGroup(click.Group):
             _error("interrupted")
             ctx.exit(130)
         except BrokenPipeError:
+            # the reader of standard output went away: stop quietly, with
+            # the status a process killed by SIGPIPE reports in a shell
             _quiet_broken_pipe()
-            ctx.exit(1)
+            ctx.exit(128 + 13)
         except Exception as e:  # noqa: BLE001 -- this is the one place errors are reported
             from vdtool.core.errors import VdError
 

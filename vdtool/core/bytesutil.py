@@ -89,3 +89,47 @@ def le_bytes(a: array) -> bytes:
         b.byteswap()
         return b.tobytes()
     return a.tobytes()
+
+
+def data_runs(buf: bytearray, n: int, block: int, zeros: memoryview) -> list:
+    """[start, end) runs of buf[:n] made of blocks that are not all zeros.
+
+    Without a Python step per block: the first byte of every block, taken
+    with one strided slice, rules out most blocks at once (a block whose
+    first byte is not zero is data); only the others are compared whole,
+    and a zero run, once found, is measured by galloping compares."""
+    firsts = buf[0:n:block]
+    nblocks = len(firsts)
+
+    def zero_blocks(c: int, t: int) -> bool:  # are blocks c .. c+t-1 all zeros?
+        start = c * block
+        return buf.startswith(zeros[:min(t * block, n - start)], start)
+
+    runs = []
+    i = 0  # start of the current data run
+    j = 0  # block index to look from for the next zero block
+    while j < nblocks:
+        c = firsts.find(0, j)
+        if c < 0:
+            break
+        if not zero_blocks(c, 1):
+            j = c + 1
+            continue
+        most = nblocks - c
+        good, t = 1, 2
+        while t <= most and zero_blocks(c, t):
+            good, t = t, 2 * t
+        bad = min(t, most + 1)
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            if zero_blocks(c, mid):
+                good = mid
+            else:
+                bad = mid
+        if c * block > i:
+            runs.append((i, c * block))
+        j = c + good
+        i = min(j * block, n)
+    if i < n:
+        runs.append((i, n))
+    return runs

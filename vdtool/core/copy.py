@@ -13,6 +13,7 @@ import os
 from typing import Optional
 
 from vdtool.core.backend import Cap, Status
+from vdtool.core.bytesutil import data_runs  # noqa: F401 -- also named here (the engine's zero test)
 from vdtool.core.digest import ContentDigest
 from vdtool.core.errors import NotSupported
 from vdtool.core.progress import NO_PROGRESS, Progress
@@ -32,15 +33,19 @@ class CopyStats:
 
 
 def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool = False,
-               digest: Optional[ContentDigest] = None, progress: Progress = NO_PROGRESS) -> CopyStats:
+               mark_zeros: bool = False, digest: Optional[ContentDigest] = None,
+               progress: Progress = NO_PROGRESS) -> CopyStats:
     """Copy what ``src`` (an ImageStack) shows into ``dst`` (an ImageStack whose
     top is the new image).  With ``base`` (a stack: the new image's parent)
     only what differs from it is written.  ``write_zeros`` writes zero blocks
-    too (preallocated outputs)."""
+    as data too (preallocated outputs); ``mark_zeros`` hands every range that
+    reads as zeros to the destination's ``write_zeroes`` (a target that is
+    not known to read as zeros: ``convert -n``, a device)."""
     top = dst.top
     if compress and not top.capabilities & Cap.COMPRESS:
         raise NotSupported("compression", top.name, top.path)
     copier = _Copier(src, top, base, write_zeros, digest, progress)
+    copier.mark_zeros = mark_zeros
     writer = _CompressedWriter(top) if compress else None
     copier.compressed = writer
     try:
@@ -110,6 +115,7 @@ class _Copier:
         self.progress = progress
         self.stats = CopyStats()
         self.compressed: Optional[_CompressedWriter] = None
+        self.mark_zeros = False
 
     def run(self) -> None:
         if self.base is None and self.size > self.chunk:
@@ -142,7 +148,7 @@ class _Copier:
             self.stats.zero_bytes += n
             if self.base is not None:
                 _zero_over_base(self.base, self.top, pos, n, self.base_buf)
-            elif self.write_zeros:
+            elif self.write_zeros or self.mark_zeros:
                 self.top.write_zeroes(pos, n, unmap=False)
         self.progress.update(pos + n, self.size)
 
@@ -152,9 +158,15 @@ class _Copier:
         view = memoryview(buf)
         runs = ((0, n),) if self.write_zeros else data_runs(buf, n, self.block, self.zero_view)
         if self.compressed is None:
+            done = 0
             for a, b in runs:
+                if self.mark_zeros and a > done:
+                    self.top.write_zeroes(off + done, a - done, unmap=False)
                 self.top.write(off + a, view[a:b])
                 self.stats.written_bytes += b - a
+                done = b
+            if self.mark_zeros and done < n:
+                self.top.write_zeroes(off + done, n - done, unmap=False)
             return
         block = self.block
         batch = [(i, min(block, b - i)) for a, b in runs for i in range(a, b, block)]
@@ -194,50 +206,6 @@ class _Copier:
     def _write_run(self, buf: bytearray, off: int, a: int, b: int) -> None:
         self.top.write(off + a, memoryview(buf)[a:b])
         self.stats.written_bytes += b - a
-
-
-def data_runs(buf: bytearray, n: int, block: int, zeros: memoryview) -> list:
-    """[start, end) runs of buf[:n] made of blocks that are not all zeros.
-
-    Without a Python step per block: the first byte of every block, taken
-    with one strided slice, rules out most blocks at once (a block whose
-    first byte is not zero is data); only the others are compared whole,
-    and a zero run, once found, is measured by galloping compares."""
-    firsts = buf[0:n:block]
-    nblocks = len(firsts)
-
-    def zero_blocks(c: int, t: int) -> bool:  # are blocks c .. c+t-1 all zeros?
-        start = c * block
-        return buf.startswith(zeros[:min(t * block, n - start)], start)
-
-    runs = []
-    i = 0  # start of the current data run
-    j = 0  # block index to look from for the next zero block
-    while j < nblocks:
-        c = firsts.find(0, j)
-        if c < 0:
-            break
-        if not zero_blocks(c, 1):
-            j = c + 1
-            continue
-        most = nblocks - c
-        good, t = 1, 2
-        while t <= most and zero_blocks(c, t):
-            good, t = t, 2 * t
-        bad = min(t, most + 1)
-        while bad - good > 1:
-            mid = (good + bad) // 2
-            if zero_blocks(c, mid):
-                good = mid
-            else:
-                bad = mid
-        if c * block > i:
-            runs.append((i, c * block))
-        j = c + good
-        i = min(j * block, n)
-    if i < n:
-        runs.append((i, n))
-    return runs
 
 
 def _compress_batch(compressor, raw: bytes, items: list) -> list:

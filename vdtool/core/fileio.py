@@ -49,6 +49,12 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     return True
 
 
+def zero_range_fd(fd: int, offset: int, length: int) -> bool:
+    """fallocate(FALLOC_FL_ZERO_RANGE) on a descriptor (block devices take
+    it too); False where the kernel or device says no."""
+    return _fallocate(fd, _FALLOC_FL_ZERO_RANGE, offset, length)
+
+
 # -- QEMU-compatible image locking ----------------------------------------------
 #
 # QEMU (block/file-posix.c) marks what an open image may be used for with
@@ -190,10 +196,10 @@ def os_error(path: str, exc: OSError) -> VdError:
 
 # -- sources that are not files ---------------------------------------------------
 #
-# Reading goes through open_file(), which gives an ImageFile for a path and,
-# for names that are not files (standard input "-", http:// and https://
-# URLs), an object with ImageFile's read side (SourceFile).  The modules
-# that provide those are imported only when such a name is used.
+# Reading goes through open_file(), which gives an ImageFile for a path and
+# for standard input ("-", read into a temporary file), and an object with
+# ImageFile's read side (sourcefile.SourceFile) for http:// and https://
+# URLs.  The modules that provide those are imported only when used.
 STDIN = "-"
 
 
@@ -207,69 +213,21 @@ def is_special_source(path: str) -> bool:
 
 
 def open_file(path: str, *, writable: bool = False, lock: bool = True):
-    """The file an image is read from (or written to): an ImageFile, or a
-    read-only SourceFile for standard input and URLs."""
+    """The file an image is read from (or written to): an ImageFile (for
+    standard input: over the temporary file it was read into), or a
+    read-only SourceFile (sourcefile.py) for a URL."""
     if is_special_source(path):
         if writable:
             what = "standard input" if path == STDIN else "a URL"
             raise VdError(f"{what} is read-only: it cannot be opened for writing", path)
         if path == STDIN:
-            from vdtool.core.streams import stdin_file  # only when '-' is used
+            from vdtool.core.streams import spooled_stdin  # only when '-' is used
 
-            return stdin_file()
+            return ImageFile.adopt(spooled_stdin(), STDIN)
         from vdtool.core.urlfile import HttpFile  # only for URLs
 
         return HttpFile(path)
     return ImageFile(path, writable=writable, lock=lock)
-
-
-class SourceFile:
-    """ImageFile's read side for something that is not a local file: a
-    subclass provides ``path``, ``pread(offset, length)`` (short only at the
-    end) and ``size()``; everything here builds on those two."""
-
-    writable = False
-    perms = (0, PERM_ALL)
-
-    def pread_exact(self, offset: int, length: int, what: str = "data") -> bytes:
-        data = self.pread(offset, length)
-        if len(data) != length:
-            raise CorruptImageError(
-                f"{what} at offset {offset} (length {length}) runs past the end of the image "
-                f"(size {self.size()})", self.path)
-        return data
-
-    def readinto(self, offset: int, buf) -> int:
-        mv = memoryview(buf).cast("B")
-        data = self.pread(offset, len(mv))
-        mv[:len(data)] = data
-        if len(data) < len(mv):
-            mv[len(data):] = bytes(len(mv) - len(data))
-        return len(data)
-
-    def set_perms(self, held: int, shared: int) -> None:
-        pass  # nothing to lock: nobody else can write what vdtool reads here
-
-    def allocated_size(self) -> int:
-        return self.size()
-
-    def next_data(self, offset: int) -> int:
-        return offset  # no holes known: all data
-
-    def next_hole(self, offset: int) -> int:
-        return max(offset, self.size())
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class ImageFile:
@@ -329,6 +287,17 @@ class ImageFile:
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def adopt(cls, fd: int, name: str) -> "ImageFile":
+        """A read-only ImageFile over an open descriptor (vdtool's own
+        temporary file, e.g. standard input read into one), named ``name``
+        in messages; no locks (nobody else knows the file)."""
+        f = cls.__new__(cls)
+        f.path, f.writable, f.perms, f.fd = name, False, (0, PERM_ALL), fd
+        f._closed = f._defer = f._unsynced = f._kick = False
+        f._since_kick = 0
+        return f
 
     # -- locking (QEMU's lock bytes) --------------------------------------------
     def set_perms(self, held: int, shared: int) -> None:
@@ -538,7 +507,10 @@ class ImageFile:
     # -- facts ---------------------------------------------------------------
     def size(self) -> int:
         try:
-            return os.fstat(self.fd).st_size
+            st = os.fstat(self.fd)
+            if stat.S_ISBLK(st.st_mode):
+                return os.lseek(self.fd, 0, os.SEEK_END)  # a device's st_size is 0
+            return st.st_size
         except OSError as e:
             raise os_error(self.path, e) from None
 

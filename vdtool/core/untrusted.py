@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Callable, Optional
+from typing import Optional
 
 from vdtool.core.errors import VdError
 
@@ -57,23 +57,9 @@ class UntrustedImage(VdError):
         super().__init__("refused by --untrusted: " + " | ".join(parts), path)
 
 
-# -- notices (warnings on stderr) ---------------------------------------------------
+# -- notices (warnings on stderr): kept in notices.py, named here too -----------------
 
-_handler: Optional[Callable[[str], None]] = None
-recent: list = []  # the last notices given, for tests and the Python API
-
-
-def set_notice_handler(fn: Optional[Callable[[str], None]]) -> None:
-    """The CLI prints notices as ``vdtool: warning: ...`` on stderr."""
-    global _handler
-    _handler = fn
-
-
-def notice(text: str) -> None:
-    recent.append(text)
-    del recent[:-100]
-    if _handler is not None:
-        _handler(text)
+from vdtool.core.notices import notice, recent, set_notice_handler  # noqa: E402,F401
 
 
 # -- probing rules --------------------------------------------------------------------

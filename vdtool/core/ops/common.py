@@ -59,7 +59,7 @@ def destination(path: str, force: bool) -> str:
     that is not a regular file (a device, FIFO, socket or folder) is never
     replaced, with or without ``force``."""
     if path == "-":
-        raise VdError("standard output ('-') as the destination is not supported yet; name a file", path)
+        raise VdError("standard output ('-') cannot be the destination here; name a file", path)
     target = os.path.realpath(path) if os.path.islink(path) else path
     try:
         st = os.stat(target)
@@ -67,10 +67,12 @@ def destination(path: str, force: bool) -> str:
         return target
     except OSError as e:
         raise VdError(f"cannot look at the destination: {e.strerror or e}", path) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise VdError("is a directory; vdtool replaces nothing but regular files", path)
     for test, kind in _KINDS:
         if test(st.st_mode):
-            raise VdError(f"is {kind}; vdtool replaces nothing but regular files (writing an image into "
-                          f"{kind} is not supported yet)", path)
+            raise VdError(f"is {kind}; vdtool replaces nothing but regular files (create makes new images; "
+                          f"'vdtool convert' writes into {kind})", path)
     if not force:
         raise VdError("already exists; use --force to overwrite it", path)
     return target

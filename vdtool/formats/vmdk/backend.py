@@ -50,6 +50,8 @@ class VmdkBackend(ImageBackend):
                     | Cap.ZERO_MARKER)
     variants = VARIANTS
     compress_variant = "streamOptimized"  # what convert -c makes
+    # a descriptor beside its extents: cannot go down one pipe or into one device
+    multi_file_variants = ("monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "vmfs")
     options = (
         FormatOption("adapter_type", str, "ide", "virtual adapter: ide, lsilogic, buslogic or legacyESX",
                      ADAPTERS),
