@@ -15,7 +15,7 @@ import threading
 import pytest
 
 import peers
-from vdrun import REPO, cli, vdtool_env
+from vdrun import cli, vdtool_env
 
 VDTOOL = [sys.executable, "-m", "vdtool"]
 
@@ -309,19 +309,64 @@ def test_a_block_device_is_written_in_place_never_replaced(tmp_path, src):
 
 @pytest.mark.slow
 def test_multi_gib_stream_both_ways_in_bounded_memory(tmp_path):
-    """raw pipe -> vdtool -> streamOptimized pipe -> file, 4 GiB
-    sparse with data spread over it: vdtool's peak RSS stays under 100 MiB."""
+    """4 GiB sparse with data spread over it: raw pipe -> vdtool ->
+    streamOptimized pipe, and a qcow2 file -> vdtool -> qcow2 pipe (laid
+    out ahead): vdtool's peak RSS stays under 100 MiB both times."""
     peers.need("qemu-img")
     big = tmp_path / "big.qcow2"
     peers.qemu_img("create", "-q", "-f", "qcow2", str(big), "4G")
     peers.qemu_io(big, *[f"write -P {i + 1} {i * 256}M 8M" for i in range(16)])
-    script = (f"import resource,subprocess,sys\n"
-              f"r=subprocess.run(sys.argv[1:]).returncode\n"
-              f"print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
-              f"sys.exit(r)\n")
     peers.qemu_img("convert", "-O", "raw", str(big), str(tmp_path / "big.img"))
-    r = sh(f"cat big.img | {sys.executable} -c '{script}' {VD} convert -f raw "
-           f"--size 4G - -O vmdk --variant streamOptimized - | cat > out.vmdk", cwd=tmp_path)
-    rss_kib = int(r.stderr.split()[-1])
-    assert rss_kib < 100 * 1024, rss_kib
-    peers.qemu_img("compare", "-F", "qcow2", str(tmp_path / "out.vmdk"), str(big))
+    rss = "import resource,subprocess,sys; r=subprocess.run(sys.argv[1:]).returncode; " \
+          "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r)"
+    for pipeline, out in (
+            (f"cat big.img | {sys.executable} -c '{rss}' {VD} convert -f raw --size 4G - -O vmdk "
+             f"--variant streamOptimized - | cat > out.vmdk", "out.vmdk"),
+            (f"{sys.executable} -c '{rss}' {VD} convert -O qcow2 big.qcow2 - | cat > out.qcow2", "out.qcow2")):
+        r = sh(pipeline, cwd=tmp_path)
+        rss_kib = int(r.stderr.split()[-1])
+        assert rss_kib < 100 * 1024, (pipeline, rss_kib)
+        peers.qemu_img("compare", "-F", "qcow2", str(tmp_path / out), str(big))
+
+
+def _small_tmpfs(path, size="4m"):
+    """A tmpfs of ``size`` at ``path`` (root only); None where it cannot be
+    mounted (then the caller's TMPDIR is a plain folder)."""
+    path.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return None
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return path if r.returncode == 0 else None
+
+
+@pytest.mark.parametrize("fmt,variant,ext", [("qcow2", None, ".qcow2"), ("vdi", "dynamic", ".vdi"),
+                                             ("vhd", "fixed", ".vhd"), ("vmdk", "monolithicSparse", ".vmdk"),
+                                             ("vmdk", "streamOptimized", ".vmdk")])
+def test_tables_first_formats_are_laid_out_ahead_without_a_copy_of_the_data(tmp_path, fmt, variant, ext):
+    """128 MiB of data go down the pipe while TMPDIR has room for 4 MiB:
+    only the image's tables are kept there (the data is read again from the
+    source), and streamOptimized needs none at all."""
+    peers.need("qemu-img")
+    src = tmp_path / "big.qcow2"
+    peers.qemu_img("create", "-q", "-f", "qcow2", str(src), "1G")
+    peers.qemu_io(src, "write -P 7 0 64M", "write -P 9 512M 64M", "write -P 3 1023M 1M")
+    small = _small_tmpfs(tmp_path / "tmpfs")
+    env = vdtool_env(TMPDIR=str(small or tmp_path / "tmpfs"))
+    try:
+        v = f"--variant {variant}" if variant else ""
+        r = sh(f"{VD} convert -O {fmt} {v} big.qcow2 - | cat > out{ext}", cwd=tmp_path, env=env)
+        assert b"temporary file" not in r.stderr  # not spooled
+        qfmt = {"vhd": "vpc"}.get(fmt, fmt)
+        peers.qemu_img("compare", "-f", qfmt, "-F", "qcow2", str(tmp_path / f"out{ext}"), str(src))
+        assert os.listdir(tmp_path / "tmpfs") == []
+    finally:
+        if small is not None:
+            subprocess.run(["umount", str(small)])
+
+
+def test_compressed_qcow2_to_a_pipe_is_spooled_and_says_so(tmp_path, src):
+    r = sh(f"{VD} convert -c -O qcow2 src.qcow2 - | cat > out.qcow2", cwd=tmp_path)
+    assert b"temporary file" in r.stderr
+    sh(f"{VD} convert -c -O qcow2 src.qcow2 ref.qcow2", cwd=tmp_path)
+    assert (tmp_path / "out.qcow2").read_bytes() == (tmp_path / "ref.qcow2").read_bytes()
+    assert peers.qemu_img("check", str(tmp_path / "out.qcow2"), check=False).returncode == 0

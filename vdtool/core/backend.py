@@ -236,6 +236,7 @@ class ImageBackend:
     capabilities: ClassVar[Cap] = Cap.NONE
     variants: ClassVar[tuple] = ()  # first is the default
     multi_file_variants: ClassVar[tuple] = ()  # variants made of several files (not for pipes or devices)
+    append_only_variants: ClassVar[tuple] = ()  # variants written front to back only (straight into a pipe)
     # An overlay records facts read from its parent (VDI/VHD UUIDs, VMDK's
     # CID), so the parent must exist to create one; qcow2 records a name
     # and a format only, and takes ``create -u`` (the parent need not exist).

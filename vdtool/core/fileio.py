@@ -212,6 +212,35 @@ def is_special_source(path: str) -> bool:
     return path == STDIN or is_url(path)
 
 
+# convert plans an image for a stream by writing it into a folder of its own
+# with a file class that keeps the tables and notes where the data goes
+# (core/layout_ahead.py); while it does, every file a backend creates or
+# opens for writing in that folder is of that class.
+_file_class_in = contextvars.ContextVar("vdtool_file_class_in", default=None)
+
+
+@contextmanager
+def files_in_folder_as(folder: str, cls):
+    """Files created or opened for writing under ``folder`` are ``cls``."""
+    token = _file_class_in.set((os.path.abspath(folder) + os.sep, cls))
+    try:
+        yield
+    finally:
+        _file_class_in.reset(token)
+
+
+def _file_class(path: str):
+    redirect = _file_class_in.get()
+    if redirect is not None and os.path.abspath(path).startswith(redirect[0]):
+        return redirect[1]
+    return ImageFile
+
+
+def create_file(path: str) -> "ImageFile":
+    """A new (or emptied) file for a backend's create."""
+    return _file_class(path)(path, create=True)
+
+
 def open_file(path: str, *, writable: bool = False, lock: bool = True):
     """The file an image is read from (or written to): an ImageFile (for
     standard input: over the temporary file it was read into), or a
@@ -227,7 +256,7 @@ def open_file(path: str, *, writable: bool = False, lock: bool = True):
         from vdtool.core.urlfile import HttpFile  # only for URLs
 
         return HttpFile(path)
-    return ImageFile(path, writable=writable, lock=lock)
+    return _file_class(path)(path, writable=writable, lock=lock) if writable else ImageFile(path, lock=lock)
 
 
 class ImageFile:

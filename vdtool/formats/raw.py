@@ -8,7 +8,7 @@ from typing import Optional
 from vdtool.core.backend import Cap, ImageBackend, MapExtent, ParentSpec, Status
 from vdtool.core.bytesutil import is_zero
 from vdtool.core.errors import NotSupported, UsageError, VdError
-from vdtool.core.fileio import ImageFile
+from vdtool.core.fileio import ImageFile, create_file
 from vdtool.core.progress import NO_PROGRESS, Progress
 
 COMPACT_BLOCK = 1 << 16  # compact releases whole blocks of this size that read as zeros
@@ -38,7 +38,7 @@ class RawBackend(ImageBackend):
             raise UsageError(f"raw has no variant {variant!r}; choose from {', '.join(cls.variants)}")
         if parent is not None:
             raise NotSupported("a parent image", "raw", path, "raw images cannot be differencing images")
-        f = ImageFile(path, create=True)
+        f = create_file(path)
         try:
             f.truncate(size)
             if variant == "full":

@@ -141,9 +141,10 @@ def _open_source(src: str, fmt: Optional[str], size: Optional[int], raw_out: boo
 
 
 def _convert_to_new_file(source, dst: str, new: _NewImage, *, verify: bool, force: bool, sync, open_args: dict,
-                         progress: Progress) -> ConvertResult:
+                         progress: Progress, wrap_top=None) -> ConvertResult:
     """The usual convert: a new image file, staged beside DST and renamed
-    into place when complete."""
+    into place when complete.  ``wrap_top``: what the copy engine writes
+    through instead of the new image itself (layout_ahead.Recording)."""
     backend, name = new.backend, new.name
     pstack = None
     try:
@@ -167,7 +168,7 @@ def _convert_to_new_file(source, dst: str, new: _NewImage, *, verify: bool, forc
                 img = backend.create(tmp, size, variant=new.variant, block_size=new.block_size, parent=spec,
                                      options=new.options)
                 try:
-                    out = stack_over(pstack, img)
+                    out = stack_over(pstack, wrap_top(img) if wrap_top else img)
                     stats = copy_stack(source, out, base=pstack, compress=new.compress,
                                        write_zeros=False, digest=digest, progress=copy_part)
                     _input_ended(source)
@@ -305,6 +306,84 @@ def _fits(target, size: int) -> None:
 
 def _image_into_target(source, target, kind: str, new: _NewImage, target_is_zero: bool,
                        progress: Progress) -> ConvertResult:
+    if new.variant is not None and new.variant in new.backend.append_only_variants:
+        return _appended_into_target(source, target, new, progress)
+    if not new.compress and _readable_twice(source):
+        result = _planned_into_target(source, target, new, target_is_zero, progress)
+        if result is not None:
+            return result
+    return _spooled_into_target(source, target, new, target_is_zero, progress)
+
+
+def _appended_into_target(source, target, new: _NewImage, progress: Progress) -> ConvertResult:
+    """A variant whose writer only appends (streamOptimized) writes straight
+    into the target as it goes."""
+    import tempfile
+
+    from vdtool.core.fileio import files_in_folder_as
+    from vdtool.core.layout_ahead import append_class
+
+    with tempfile.TemporaryDirectory(prefix=f".vdtool-{os.getpid()}-", dir=tempfile.gettempdir()) as folder:
+        path = os.path.join(folder, _inner_name(source, target, new))
+        with files_in_folder_as(folder, append_class(target)):
+            inner = _convert_to_new_file(source, path, new, verify=False, force=False, sync=False,
+                                         open_args={}, progress=progress)
+    target.finish(target.written)
+    return ConvertResult(target.name, new.name, inner.virtual_size, written_bytes=target.written)
+
+
+def _readable_twice(source) -> bool:
+    """Local files (standard input's temporary file too), not a URL or a
+    stream read once."""
+    from vdtool.core.sourcefile import SourceFile
+
+    layers = getattr(source, "layers", ())
+    return bool(layers) and not any(isinstance(getattr(layer, "file", None), SourceFile) for layer in layers)
+
+
+def _planned_into_target(source, target, new: _NewImage, target_is_zero: bool,
+                         progress: Progress) -> Optional[ConvertResult]:
+    """The image made in a shadow that keeps its tables and notes where its
+    data goes, then sent with the data read again (layout_ahead.py); None
+    when the format's writer read data back (then it is spooled instead)."""
+    import tempfile
+
+    from vdtool.core.fileio import files_in_folder_as
+    from vdtool.core.layout_ahead import DataMap, NotPlannable, Recording, emit, shadow_class
+
+    data_map = DataMap()
+    with tempfile.TemporaryDirectory(prefix=f".vdtool-{os.getpid()}-", dir=tempfile.gettempdir()) as folder:
+        path = os.path.join(folder, _inner_name(source, target, new))
+        try:
+            with files_in_folder_as(folder, shadow_class(data_map)):
+                inner = _convert_to_new_file(source, path, new, verify=False, force=False, sync=False,
+                                             open_args={}, progress=progress.sub(0, 40),
+                                             wrap_top=lambda img: Recording(img, data_map))
+        except NotPlannable:
+            return None
+        _one_file(folder, new, target)
+        with open(path, "rb") as f:
+            total = os.fstat(f.fileno()).st_size
+            _fits(target, total)
+            part = progress.sub(40, 60)
+
+            def deliver(fd, start, end):
+                _deliver_range(fd, start, end, target, mark_holes=not target_is_zero, progress=part)
+
+            emit(f.fileno(), total, data_map, source, target, deliver, part)
+    target.finish(total)
+    progress.finish(inner.virtual_size)
+    return ConvertResult(target.name, new.name, inner.virtual_size, written_bytes=total)
+
+
+def _one_file(folder: str, new: _NewImage, target) -> None:
+    if len(os.listdir(folder)) != 1:  # a format that made several files (the early check knows VMDK's)
+        raise VdError(f"the {new.name} image is several files and cannot be written into "
+                      f"{describe(target.name)}", target.name)
+
+
+def _spooled_into_target(source, target, new: _NewImage, target_is_zero: bool,
+                         progress: Progress) -> ConvertResult:
     import tempfile
 
     from vdtool.core.notices import notice
@@ -316,14 +395,12 @@ def _image_into_target(source, target, kind: str, new: _NewImage, target_is_zero
         path = os.path.join(folder, _inner_name(source, target, new))
         inner = _convert_to_new_file(source, path, new, verify=False, force=False, sync=False,
                                      open_args={}, progress=progress.sub(0, 70))
-        if len(os.listdir(folder)) != 1:  # a format that made several files (the check above knows VMDK's)
-            raise VdError(f"the {new.name} image is several files and cannot be written into "
-                          f"{describe(target.name)}", target.name)
+        _one_file(folder, new, target)
         with open(path, "rb") as f:
             total = os.fstat(f.fileno()).st_size
             _fits(target, total)
-            _deliver_file(f.fileno(), total, target, mark_holes=not target_is_zero,
-                          progress=progress.sub(70, 30))
+            _deliver_range(f.fileno(), 0, total, target, mark_holes=not target_is_zero,
+                           progress=progress.sub(70, 30))
     target.finish(total)
     progress.finish(inner.virtual_size)
     return ConvertResult(target.name, new.name, inner.virtual_size, written_bytes=total)
@@ -352,11 +429,11 @@ def _inner_name(source, target, new: _NewImage) -> str:
     return name
 
 
-def _deliver_file(fd: int, total: int, target, mark_holes: bool, progress: Progress) -> None:
-    """Copy a file into the target: its data runs (SEEK_DATA/SEEK_HOLE),
-    its holes as zeros where the target does not read as zeros already."""
+def _deliver_range(fd: int, pos: int, total: int, target, mark_holes: bool, progress: Progress) -> None:
+    """Copy [pos, total) of a file into the target: its data runs
+    (SEEK_DATA/SEEK_HOLE), its holes as zeros where the target does not
+    read as zeros already."""
     buf = bytearray(1 << 20)
-    pos = 0
     while pos < total:
         try:
             data_at = os.lseek(fd, pos, os.SEEK_DATA)

@@ -32,7 +32,7 @@ from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, Ma
 from vdtool.core.extents import flat_extent
 from vdtool.core.bytesutil import ceil_div
 from vdtool.core.errors import UsageError
-from vdtool.core.fileio import ImageFile
+from vdtool.core.fileio import ImageFile, create_file
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.core.registry import qemu_driver_name
 from vdtool.formats.qcow2 import header, snapshot
@@ -118,7 +118,7 @@ class Qcow2Backend(ImageBackend):
         from vdtool.formats.qcow2 import create
 
         plan = create.Plan(size, create.create_options(cls.options, options, block_size), parent)
-        f = ImageFile(path, create=True)
+        f = create_file(path)
         try:
             b = cls(f)
             b.st.unsafe = (options or {}).get("cache") == "unsafe"

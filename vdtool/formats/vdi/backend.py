@@ -11,7 +11,7 @@ from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, Ma
 from vdtool.core.extents import flat_extent
 from vdtool.core.bytesutil import zeros
 from vdtool.core.errors import VdError
-from vdtool.core.fileio import ImageFile
+from vdtool.core.fileio import ImageFile, create_file
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.formats.vdi import check as check_mod
 from vdtool.formats.vdi import compact as compact_mod
@@ -60,7 +60,7 @@ class VdiBackend(ImageBackend):
                parent: Optional[ParentSpec] = None, options: Optional[dict] = None,
                progress: Progress = NO_PROGRESS) -> "VdiBackend":
         hdr = new_header(size, variant, block_size, parent, options)
-        f = ImageFile(path, create=True)
+        f = create_file(path)
         try:
             self = cls(f)
             self.state = write_image(f, hdr, parent, progress)

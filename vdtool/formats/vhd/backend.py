@@ -40,7 +40,7 @@ from typing import Optional
 
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentRef, ParentSpec
 from vdtool.core.errors import CorruptImageError, NotSupported, ReadOnlyError, UsageError, VdError
-from vdtool.core.fileio import ImageFile
+from vdtool.core.fileio import ImageFile, create_file
 from vdtool.core.layout import Record
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.formats.vhd import blocks, metadata
@@ -100,7 +100,7 @@ class VhdBackend(ImageBackend):
         if variant not in cls.variants:
             raise UsageError(f"vhd has no variant {variant!r}; choose from {', '.join(cls.variants)}")
         new = plan_image(size, variant, block_size, parent is not None, opts)
-        f = ImageFile(path, create=True)
+        f = create_file(path)
         try:
             write_image(f, new)
             img = cls(f)

@@ -52,6 +52,7 @@ class VmdkBackend(ImageBackend):
     compress_variant = "streamOptimized"  # what convert -c makes
     # a descriptor beside its extents: cannot go down one pipe or into one device
     multi_file_variants = ("monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "vmfs")
+    append_only_variants = ("streamOptimized",)
     options = (
         FormatOption("adapter_type", str, "ide", "virtual adapter: ide, lsilogic, buslogic or legacyESX",
                      ADAPTERS),

@@ -9,7 +9,7 @@ from typing import Optional
 from vdtool.core.backend import ParentSpec
 from vdtool.core.bytesutil import ceil_div
 from vdtool.core.errors import NotSupported, UsageError
-from vdtool.core.fileio import ImageFile
+from vdtool.core.fileio import create_file
 from vdtool.formats.vmdk.descriptor import (NO_PARENT_CID, ExtentLine, geometry, is_hex32, long_content_id, new_cid,
                                             new_descriptor, part_name, stem_ext)
 from vdtool.formats.vmdk.disk import Disk
@@ -172,7 +172,7 @@ class _NewImage:
         return [ExtentLine("RW", n, etype, name, 0) for name, n, etype in parts]
 
     def stream(self, desc) -> Disk:
-        f = ImageFile(self.path, create=True)
+        f = create_file(self.path)
         try:
             disk = Disk(self.path, f)
             disk.desc = desc
@@ -184,7 +184,7 @@ class _NewImage:
         return disk
 
     def monolithic_sparse(self, desc) -> None:
-        with ImageFile(self.path, create=True) as f:
+        with create_file(self.path) as f:
             write_new_sparse(f, self.sectors, version=self.version, flags=self.flags, desc=desc.render(),
                              grain=self.grain)
             f.flush()
@@ -195,13 +195,13 @@ class _NewImage:
         made = []
         try:
             for name, n, etype in parts:
-                ef = ImageFile(os.path.join(folder, name), create=True)
+                ef = create_file(os.path.join(folder, name))
                 made.append(ef)
                 if etype == "SPARSE":
                     write_new_sparse(ef, n, version=self.version, flags=self.flags, desc=None, grain=self.grain)
                 else:
                     ef.truncate(n * SECTOR)
-            f = ImageFile(self.path, create=True)
+            f = create_file(self.path)
             made.append(f)
             f.pwrite(0, desc.render())
             for m in made:
