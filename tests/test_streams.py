@@ -370,3 +370,31 @@ def test_compressed_qcow2_to_a_pipe_is_spooled_and_says_so(tmp_path, src):
     sh(f"{VD} convert -c -O qcow2 src.qcow2 ref.qcow2", cwd=tmp_path)
     assert (tmp_path / "out.qcow2").read_bytes() == (tmp_path / "ref.qcow2").read_bytes()
     assert peers.qemu_img("check", str(tmp_path / "out.qcow2"), check=False).returncode == 0
+
+
+def test_a_killed_stream_convert_leaves_nothing_the_next_run_keeps(tmp_path, src):
+    """SIGKILL cannot be caught: the staging folder it leaves in TMPDIR is
+    removed (and mentioned) by the next vdtool that writes a stream there;
+    SIGTERM removes it at once."""
+    import signal
+    import time
+
+    tdir, env = _tmpdir_env(tmp_path)
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        p = subprocess.Popen([*VDTOOL, "convert", "-O", "qcow2", "src.qcow2", "f"], cwd=tmp_path, env=env,
+                             stderr=subprocess.PIPE)
+        reader = open(fifo, "rb")  # the writer waits for a reader, then plans and stalls on the full pipe
+        deadline = time.time() + 20
+        while not os.listdir(tdir) and time.time() < deadline:
+            time.sleep(0.05)
+        p.send_signal(sig)
+        p.wait(30)
+        reader.close()
+        if sig == signal.SIGTERM:
+            assert p.returncode == 143 and os.listdir(tdir) == [], (p.returncode, os.listdir(tdir))
+    assert os.listdir(tdir)  # SIGKILL's leftovers
+    r = sh(f"{VD} convert -O qcow2 src.qcow2 - > out.qcow2", cwd=tmp_path, env=env)
+    assert b"removed a staging folder left by an interrupted vdtool" in r.stderr
+    assert os.listdir(tdir) == []

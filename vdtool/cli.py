@@ -220,6 +220,7 @@ Exit status:
   1    error (one line on stderr: vdtool: error: MESSAGE)
   2    usage error
   130  interrupted (Ctrl-C); 143 SIGTERM, 129 SIGHUP (nothing half-written is left)
+  141  the reader of standard output went away (SIGPIPE)
   check has its own: 2 corruptions, 3 leaks only, 63 no check for the format"""
 
 

@@ -12,7 +12,7 @@ from vdtool.core.digest import ContentDigest, digest_stack
 from vdtool.core.errors import NotSupported, UsageError, VdError
 from vdtool.core.fileio import deferred_sync
 from vdtool.core.ops.common import (backend_for_new_image, open_parent, output_format, parent_spec,
-                                    same_file, stack_over, staged_output)
+                                    same_file, stack_over, staged_output, sweep_stale_stages)
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.core.sinks import (STDOUT_NAME, StreamTarget, describe, open_target, refuse_terminal_stdout,
                                 target_kind)
@@ -306,6 +306,9 @@ def _fits(target, size: int) -> None:
 
 def _image_into_target(source, target, kind: str, new: _NewImage, target_is_zero: bool,
                        progress: Progress) -> ConvertResult:
+    import tempfile
+
+    sweep_stale_stages(tempfile.gettempdir())  # what a killed stream convert left in TMPDIR
     if new.variant is not None and new.variant in new.backend.append_only_variants:
         return _appended_into_target(source, target, new, progress)
     if not new.compress and _readable_twice(source):
