@@ -277,6 +277,14 @@ class ImageBackend:
                 f.close()
             raise
 
+    @classmethod
+    def stream_source(cls, head: bytes, read, name: str):
+        """A source stack that reads the image front to back from a stream
+        whose first bytes are ``head`` (``read(n)`` gives the next ones),
+        when this format and this image can be read that way; None to have
+        the stream read into a temporary file instead."""
+        return None
+
     def _load_image(self, options: dict) -> None:
         """Read and check the format's metadata (formats override); ``options``
         are open options such as ``repair``, ``check`` or ``force``."""

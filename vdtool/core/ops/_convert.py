@@ -137,6 +137,11 @@ def _open_source(src: str, fmt: Optional[str], size: Optional[int], raw_out: boo
             return RawInput(size)
         if size is not None:
             raise UsageError(f"--size is for raw input; standard input holds a {name} image")
+        if not open_args.get("untrusted"):
+            stream = registry.get_backend(name, src).stream_source(head, stdin().read, src)
+            if stream is not None:
+                stdin().streaming = True  # nothing else may read it now
+                return stream
     return open_image(src, fmt, **open_args)
 
 

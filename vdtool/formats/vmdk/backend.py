@@ -53,6 +53,13 @@ class VmdkBackend(ImageBackend):
     # a descriptor beside its extents: cannot go down one pipe or into one device
     multi_file_variants = ("monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "vmfs")
     append_only_variants = ("streamOptimized",)
+
+    @classmethod
+    def stream_source(cls, head: bytes, read, name: str):
+        """A streamOptimized stream in one-pass order reads front to back."""
+        from vdtool.formats.vmdk import streamread  # only for a stream
+
+        return streamread.StreamSource(read, head, name) if streamread.is_stream(head) else None
     options = (
         FormatOption("adapter_type", str, "ide", "virtual adapter: ide, lsilogic, buslogic or legacyESX",
                      ADAPTERS),
