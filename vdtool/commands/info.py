@@ -65,7 +65,8 @@ def _chain_table(images: list) -> None:
     from vdtool.core.sizes import format_size
     from vdtool.terminal import table
 
-    rows = [(d["filename"], d["format"], format_size(d["virtual-size"]), format_size(d["actual-size"]),
+    rows = [(d["filename"], d["format"], format_size(d["virtual-size"]),
+             format_size(d["actual-size"]) if "actual-size" in d else "unavailable",
              "NOT FOUND" if d.get("parent-found") is False else d.get("backing-filename", "")) for d in images]
     if table(["image", "format", "virtual size", "disk size", "backing file"], rows, title="Backing chain"):
         click.echo()

@@ -540,7 +540,9 @@ class ImageBackend:
 
 def relative_parent_name(child_path: str, parent_path: str) -> str:
     """The parent's name as recorded in a child: relative to the child's
-    folder where that is possible, else absolute."""
+    folder where that is possible, else absolute; a URL as it is."""
+    if parent_path[:8].lower().startswith(("http://", "https://")):
+        return parent_path
     child_dir = os.path.dirname(os.path.abspath(child_path))
     parent_abs = os.path.abspath(parent_path)
     try:

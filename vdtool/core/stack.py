@@ -14,6 +14,7 @@ from typing import Optional
 from vdtool.core import locate
 from vdtool.core.backend import ImageBackend, ParentRef, Status
 from vdtool.core.errors import ChainError, VdError
+from vdtool.core.fileio import is_url
 
 MAX_CHAIN_DEPTH = 64
 _ZERO_CHUNK = bytes(1 << 20)
@@ -185,9 +186,16 @@ def resolve_parent_path(child_path: str, ref: ParentRef, search_dirs=()) -> Opti
     only by UUID (VDI) is looked up by ``vdtool.core.locate``.  Returns the
     first path that exists, else the first candidate (for messages), else None."""
     names = [n for n in [ref.filename, *ref.extra.get("candidates", ())] if n]
+    if is_url(child_path):
+        # relative to the URL, never a local file (urlnames); no folder searches
+        from vdtool.core import urlnames
+
+        return urlnames.parent_url(child_path, names)
     child_dir = os.path.dirname(os.path.abspath(child_path))
     candidates = []
     for name in names:
+        if is_url(name):
+            return name  # a local overlay of a remote base (qemu-img create -b URL)
         if os.path.isabs(name):
             candidates.append(name)
             continue
@@ -240,11 +248,19 @@ def open_backend(path: str, fmt: Optional[str] = None, *, writable: bool = False
         if not os.path.exists(path):
             raise VdError("no such file", path)
         if os.path.isdir(path):
-            raise VdError("is a directory, not an image file", path)
+            if not os.path.isfile(os.path.join(path, "DiskDescriptor.xml")):
+                raise VdError("is a directory, not an image file", path)
+            # a Parallels .hdd bundle: its backend reads the descriptor
+            if fmt and registry.canonical_name(fmt) != "parallels":
+                raise VdError(f"is a Parallels .hdd bundle, not a {fmt} image", path)
+            fmt = "parallels"
     findings: list = []
     # the first and last bytes, read once for the probe and the inspection
-    data = registry.read_probe_data(path) if untrusted or not fmt or fmt == "raw" else None
-    if untrusted:
+    bundle = fmt == "parallels" and os.path.isdir(path)
+    data = registry.read_probe_data(path) if (untrusted or not fmt or fmt == "raw") and not bundle else None
+    if untrusted and bundle:
+        name = "parallels"  # the bundle's images are judged once open (external_references)
+    elif untrusted:
         name = ut.choose_format(path, fmt, data)
         findings, complete = ut.inspect_header(path, name, data)
         if findings and complete:
@@ -313,8 +329,16 @@ def open_image(path: str, fmt: Optional[str] = None, *, writable: bool = False, 
             if len(layers) >= MAX_CHAIN_DEPTH:
                 raise ChainError(f"chain of parents is deeper than {MAX_CHAIN_DEPTH} images", path)
             ppath = resolve_parent_path(current.path, ref, parent_search)
-            if ppath is None or not os.path.exists(ppath):
-                if ref.filename:
+            if is_url(ppath) and ppath in seen:
+                raise ChainError(f"chain of parents loops back to {ppath}", current.path)
+            parent = _open_remote_parent(ppath, ref, force_share, warnings, options) if is_url(ppath) else None
+            if parent is None and (ppath is None or is_url(ppath) or not os.path.exists(ppath)):
+                if is_url(current.path) and not ref.filename:
+                    reason = (f"parent with UUID {ref.uuid}: a parent that a remote image names only by UUID "
+                              f"is not searched for")
+                elif is_url(ppath):
+                    reason = f"parent {ref.filename!r} not found (the server has no {ppath})"
+                elif ref.filename:
                     reason = (f"parent {ref.filename!r} not found"
                               + (f" (looked for {ppath})" if ppath else "")
                               + "; if it moved, name it with --parent-search DIR or record the new place with "
@@ -332,8 +356,9 @@ def open_image(path: str, fmt: Optional[str] = None, *, writable: bool = False, 
             if fid in seen:
                 raise ChainError(f"chain of parents loops back to {ppath}", current.path)
             seen.add(fid)
-            parent = open_backend(ppath, ref.format, writable=False, force_share=force_share, warnings=warnings,
-                                  options=options)
+            if parent is None:
+                parent = open_backend(ppath, ref.format, writable=False, force_share=force_share,
+                                      warnings=warnings, options=options)
             probed = not ref.format
             layers.append(parent)
             mismatch = check_parent_identity(current, parent, ref)
@@ -355,6 +380,20 @@ def open_image(path: str, fmt: Optional[str] = None, *, writable: bool = False, 
     return stack
 
 
+def _open_remote_parent(url: str, ref: ParentRef, force_share: bool, warnings: list, options):
+    """A parent at a URL, opened; None when the server says it is not there
+    (then it is a missing parent, as a local file that does not exist)."""
+    from vdtool.core.urlfile import HttpError
+
+    try:
+        return open_backend(url, ref.format, writable=False, force_share=force_share, warnings=warnings,
+                            options=options)
+    except HttpError as e:
+        if e.not_found:
+            return None
+        raise
+
+
 def _warn_outside(layer, top_dir: str, warnings: list) -> None:
     """A probed image that makes vdtool open a file outside the folder of
     the image named on the command line says so (a raw disk carrying a
@@ -362,13 +401,15 @@ def _warn_outside(layer, top_dir: str, warnings: list) -> None:
     silently)."""
     from vdtool.core import untrusted as ut
 
+    if is_url(layer.path):
+        return  # what a remote image names is a URL on its server (urlnames), never a local file
     own_dir = os.path.dirname(os.path.abspath(layer.path))
     try:
         refs = layer.external_references()
     except VdError:
         return
     for name in refs:
-        full = ut.outside_folder(name, top_dir, own_dir)
+        full = name if is_url(name) else ut.outside_folder(name, top_dir, own_dir)
         if full:
             w = (f"{layer.path}: the format was probed ({layer.name}) and the image references {full}, outside "
                  f"the image's folder; vdtool follows it (name the format with -f, or use --untrusted for "
@@ -378,6 +419,8 @@ def _warn_outside(layer, top_dir: str, warnings: list) -> None:
 
 
 def _file_id(path: str):
+    if is_url(path):
+        return path
     try:
         st = os.stat(path)
         return (st.st_dev, st.st_ino)

@@ -6,7 +6,8 @@ from typing import Optional
 
 from vdtool.core import registry
 from vdtool.core.backend import Cap, ParentSpec
-from vdtool.core.errors import NotSupported, UsageError
+from vdtool.core.errors import NotSupported, UsageError, VdError
+from vdtool.core.fileio import is_url
 from vdtool.core.ops.common import (backend_for_new_image, open_parent, output_format, parent_spec,
                                     staged_output)
 from vdtool.core.progress import NO_PROGRESS, Progress
@@ -21,6 +22,9 @@ def create(path: str, size: Optional[int] = None, *, fmt: Optional[str] = None, 
     ``unsafe`` (qemu-img create -u): record ``parent`` (with
     ``parent_format``, and ``size`` given) without opening it, so it need
     not exist yet; only for formats that record no parent identity."""
+    if is_url(path):
+        raise VdError("a URL cannot be written: vdtool reads images from http(s) URLs but creates local "
+                      "files only", path)
     name = output_format(path, fmt)
     backend = backend_for_new_image(path, name, variant)
     opts = backend.parse_options(dict(options or {}))

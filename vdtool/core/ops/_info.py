@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from vdtool.core.fileio import is_url
 from vdtool.core.registry import canonical_name, qemu_driver_name
 from vdtool.core.stack import check_parent_identity, open_image
 
@@ -21,8 +22,9 @@ def image_info(layer, parent_path: Optional[str] = None, parent_found: Optional[
         # qemu-img's driver name (vpc for VHD), which vdtool's -f takes too
         "format": qemu_driver_name(layer.name),
         "virtual-size": layer.virtual_size,
-        "actual-size": layer.actual_size(),
     }
+    if not is_url(layer.path):
+        d["actual-size"] = layer.actual_size()  # a server does not say (qemu-img leaves it out too)
     if layer.block_size and layer.name != "raw":
         d["cluster-size"] = layer.block_size
     specific = dict(layer.info() or {})
@@ -67,6 +69,10 @@ def _parent_keys(d: dict, layer, ref, name: str, parent_path: Optional[str], par
 def full_backing_name(child_name: str, backing: str) -> str:
     """The parent's name as qemu-img shows it: an absolute name as is, a
     relative one joined to the folder of the child's name as given."""
+    if is_url(child_name) or is_url(backing):
+        from urllib.parse import urljoin  # what urlnames opens; a local name shown as qemu-img joins it
+
+        return urljoin(child_name, backing) if is_url(child_name) and not os.path.isabs(backing) else backing
     if os.path.isabs(backing):
         return backing
     folder = os.path.dirname(child_name)
@@ -116,7 +122,7 @@ def human_lines(d: dict) -> list:
     if "variant" in d:
         lines.append(f"variant: {d['variant']}")
     lines.append(f"virtual size: {format_size(d['virtual-size'])} ({d['virtual-size']} bytes)")
-    lines.append(f"disk size: {format_size(d['actual-size'])}")
+    lines.append(f"disk size: {format_size(d['actual-size']) if 'actual-size' in d else 'unavailable'}")
     if "cluster-size" in d:
         lines.append(f"cluster_size: {d['cluster-size']}")
     if "uuid" in d:

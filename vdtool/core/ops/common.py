@@ -60,6 +60,11 @@ def destination(path: str, force: bool) -> str:
     replaced, with or without ``force``."""
     if path == "-":
         raise VdError("standard output ('-') cannot be the destination here; name a file", path)
+    from vdtool.core.fileio import is_url
+
+    if is_url(path):
+        raise VdError("a URL cannot be written: vdtool reads images from http(s) URLs but creates local files only",
+                      path)
     target = os.path.realpath(path) if os.path.islink(path) else path
     try:
         st = os.stat(target)

@@ -9,7 +9,7 @@ import os
 from typing import TYPE_CHECKING, Optional
 
 from vdtool.core.errors import CorruptImageError, FormatError, UnsupportedFeature, VdError
-from vdtool.core.fileio import ImageFile
+from vdtool.core.fileio import ImageFile, is_url, open_file
 from vdtool.formats.vmdk.descriptor import (NO_PARENT_CID, Descriptor, ExtentLine, geometry, is_hex32,
                                             new_descriptor)
 from vdtool.formats.vmdk.flat import FlatExtent, ZeroExtent
@@ -236,7 +236,12 @@ def _open_extent(disk: Disk, el: ExtentLine, image_writable: bool):
 
 def extent_path(image_path: str, name: str) -> str:
     """Where an extent file the descriptor names lies (relative names are
-    relative to the descriptor's folder)."""
+    relative to the descriptor's folder; to its URL for a remote descriptor,
+    which may not name a local file)."""
+    if is_url(image_path):
+        from vdtool.core import urlnames
+
+        return urlnames.join(image_path, name, "extent")
     if os.path.isabs(name):
         return name
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
@@ -244,6 +249,11 @@ def extent_path(image_path: str, name: str) -> str:
 
 def _extent_file(disk: Disk, name: str, writable: bool) -> ImageFile:
     p = extent_path(disk.path, name)
+    if is_url(p):
+        f = disk.files.get(p)
+        if f is None:
+            f = disk.files[p] = open_file(p, writable=writable)  # a 404 says which URL is missing
+        return f
     if not os.path.exists(p):
         raise CorruptImageError(f"extent file {name!r} named by the descriptor is missing (looked for {p})",
                                 disk.path)
