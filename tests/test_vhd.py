@@ -377,6 +377,34 @@ def test_resize_differencing_grows_bat_past_locators(tmp_path):
         assert not any(s.read(4 * M, 8 * M))
 
 
+def _footer(path) -> "V.FOOTER.record":
+    with open(path, "rb") as f:
+        f.seek(-512, os.SEEK_END)
+        return V.FOOTER.unpack(f.read(512))
+
+
+@pytest.mark.parametrize("variant,maker", [("dynamic", "vdtool"), ("fixed", "vdtool"), ("dynamic", "qemu-img")])
+def test_resized_vhd_reads_the_same_everywhere(tmp_path, variant, maker):
+    """libvhdi takes the footer's original size (offset 40) as the media
+    size, qemu-img and VirtualBox the current size (or the CHS geometry for
+    Virtual PC's disks): resize sets all three to the new size."""
+    p = tmp_path / "r.vhd"
+    if maker == "qemu-img":
+        peers.qemu_img("create", "-q", "-f", "vpc", p, "30M")
+    else:
+        ops.create(str(p), 30 * M, variant=variant)
+    for new, shrink in ((70 * M, False), (33 * M + 512, True), (9 * M, True)):
+        ops.resize(str(p), new, shrink=shrink)
+        ft = _footer(p)
+        geometry = ft.cylinders * ft.heads * ft.sectors_per_track * 512
+        assert ft.current_size == ft.original_size == new and geometry <= new
+        out = peers.run("vhdiinfo", p).stdout.decode()
+        assert f"({new} bytes)" in out, out
+        assert peers.qemu_info(p, "vpc")["virtual-size"] == new
+        with open_image(str(p)) as s:
+            assert s.virtual_size == new
+
+
 def test_resize_fixed(tmp_path):
     p = tmp_path / "f.vhd"
     ops.create(str(p), 3 * M, variant="fixed")

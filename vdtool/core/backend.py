@@ -261,9 +261,15 @@ class ImageBackend:
     @classmethod
     def open(cls, path: str, *, writable: bool = False, options: Optional[dict] = None) -> "ImageBackend":
         """Open the file and read its metadata (``_load_image``); whatever
-        fails on the way, the file is closed again."""
+        fails on the way, the file is closed again.  A format without
+        Cap.WRITE (bochs, cloop...) refuses a writable open here, so no op
+        can change it, nor do nothing and report success."""
         from vdtool.core.fileio import open_file
 
+        if writable and not cls.capabilities & Cap.WRITE:
+            raise NotSupported("writing", cls.name, path,
+                               f"vdtool reads {cls.name} images but never changes them; convert the image to a "
+                               f"writable format first")
         f = open_file(path, writable=writable)
         img = None
         try:

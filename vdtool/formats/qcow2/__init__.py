@@ -3,13 +3,17 @@
 Read (normal, zero, compressed and extended-L2 clusters, internal snapshots
 parsed), write (copy-on-write against the parent, zero flags, compressed
 clusters, COW of clusters shared with internal snapshots), create laid out as
-qemu-img 7.2 does, resize, check/repair and compact.
+qemu-img 7.2 does, resize, check/repair and compact.  Compressed clusters are
+zlib (compression_type 0) or zstd (1, incompatible feature bit 3), both as
+qemu-img 7.2 writes them.
 
 The modules, lowest first (each imports only modules above it):
 
 - ``layout``: the on-disk structures (header, extensions, snapshot table
   entries, bitmap directory, table entry flags), limits, and pure functions:
   header validation, ``sniff`` and ``inspect_untrusted`` for the core.
+- ``codec``: compressed cluster payloads: zlib and zstd compression and
+  decompression (the zstd binding imported on first use).
 - ``state``: ``Qcow2State``, the fields every piece shares (header values,
   tables, caches, dirty sets, allocation hints), the metadata overlap index
   and the header field writes.

@@ -27,7 +27,8 @@ from vdtool.core.errors import NotSupported, UnsupportedFeature, VdError
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.formats.qcow2 import header, snapshot
 from vdtool.formats.qcow2.layout import (ADDITIONAL_FIELDS_V3, CHECK_MAX_CLUSTERS, COMPAT_LAZY_REFCOUNTS,
-                                         EXT_DATA_FILE, EXT_FEATURE_TABLE, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
+                                         COMPRESSION_ZLIB, EXT_DATA_FILE, EXT_FEATURE_TABLE, INCOMPAT_DATA_FILE,
+                                         INCOMPAT_DIRTY,
                                          L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED,
                                          OFLAG_COPIED, REFT_OFFSET_MASK, V2_HEADER_LENGTH,
                                          V3_HEADER_LENGTH, feature_table_bytes)
@@ -85,6 +86,10 @@ def _downgrade_refusals(st, order: int) -> None:
         raise VdError(f"compat=0.10 requires refcount_bits=16 (the image has {1 << order})", path)
     if st.incompat & INCOMPAT_DATA_FILE or any(t == EXT_DATA_FILE for t, _ in st.exts):
         raise VdError("cannot downgrade an image with a data file", path)
+    if st.compression_type != COMPRESSION_ZLIB:
+        # version 2 has no compression_type field: its readers would take zstd clusters for deflate
+        raise VdError("cannot downgrade an image with zstd compression type to compat=0.10 (version 2 images "
+                      "can only hold zlib-compressed clusters)", path)
     other = st.incompat & ~INCOMPAT_DIRTY
     if other:
         raise VdError(f"cannot downgrade an image with incompatible features {other:#x} set", path)

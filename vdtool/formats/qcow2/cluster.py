@@ -10,30 +10,18 @@ leaks clusters at worst."""
 from __future__ import annotations
 
 import re
-import zlib
 from array import array
-from typing import Optional
 
 from vdtool.core.backend import MapExtent, Status
 from vdtool.core.bytesutil import be_array, be_bytes, ceil_div, zeros
-from vdtool.core.errors import UnsupportedFeature, UsageError, VdError
-from vdtool.formats.qcow2.layout import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_ENTRIES, OFLAG_COMPRESSED,
-                                         OFLAG_COPIED, OFLAG_ZERO, SC_ALLOC_ALL, SECTOR, compressed_extent)
+from vdtool.core.errors import UsageError, VdError
+from vdtool.formats.qcow2.codec import DecompressError, decompress_cluster
+from vdtool.formats.qcow2.layout import (COMPRESSION_NAMES, L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_ENTRIES,
+                                         OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SC_ALLOC_ALL, SECTOR,
+                                         compressed_extent)
 
 
 _EMPTY_ENTRIES = re.compile(rb"(?:\x00{8})*")
-
-
-def compress_cluster(data, cluster_size: int, level: int = 6) -> Optional[bytes]:
-    """Deflate one guest cluster the way QEMU stores it (raw deflate, 4 KiB
-    window, memLevel 9); None when that would not save space.  Pure function
-    on bytes: the convert engine runs it in threads (zlib drops the GIL)."""
-    if len(data) < cluster_size:
-        data = bytes(data) + bytes(cluster_size - len(data))
-    c = zlib.compressobj(level, zlib.DEFLATED, -12, 9)
-    out = c.compress(data) + c.flush()
-    # QEMU gives the compressor cluster_size - 1 bytes: anything larger is stored plain
-    return out if len(out) < cluster_size else None
 
 
 class ClusterMap:
@@ -153,9 +141,6 @@ class ClusterMap:
         key = e & ~OFLAG_COPIED
         if st.ccache[0] == key:
             return st.ccache[1]
-        if st.compression_type != 0:
-            raise UnsupportedFeature("image has zstd-compressed clusters (compression_type 1); only zlib "
-                                     "compression is supported", st.path)
         coff, csize = compressed_extent(e, st.cb)
         cs = st.cs
         if coff < cs or coff >= st.file_limit():
@@ -165,12 +150,10 @@ class ClusterMap:
             raise st.corrupt(f"compressed cluster at {coff:#x} overlaps qcow2 metadata")
         raw = st.file.pread(coff, csize)  # the last sector may run past the end of the file
         try:
-            d = zlib.decompressobj(-12)
-            out = d.decompress(raw, cs)
-        except zlib.error as ex:
-            raise st.corrupt(f"compressed cluster at {coff:#x} ({csize} bytes) does not inflate: {ex}") from None
-        if len(out) != cs:
-            raise st.corrupt(f"compressed cluster at {coff:#x} inflates to {len(out)} bytes, not {cs}")
+            out = decompress_cluster(raw, cs, st.compression_type, st.path)
+        except DecompressError as ex:
+            raise st.corrupt(f"compressed cluster at {coff:#x} ({csize} bytes, "
+                             f"{COMPRESSION_NAMES[st.compression_type]}) {ex}") from None
         st.ccache = (key, out)
         return out
 

@@ -12,8 +12,11 @@ from vdtool.core.errors import UsageError
 from vdtool.core.progress import Progress
 from vdtool.core.registry import qemu_driver_name
 from vdtool.formats.qcow2.header import backing_name_bytes, set_geometry, whole_header
-from vdtool.formats.qcow2.layout import (ADDITIONAL_FIELDS_V3, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT,
-                                         EXT_FEATURE_TABLE, INCOMPAT_EXTL2, MAX_L1_ENTRIES, MAX_VIRTUAL_SIZE,
+from vdtool.formats.qcow2.codec import zstd_module
+from vdtool.formats.qcow2.layout import (ADDITIONAL_FIELDS, ADDITIONAL_FIELDS_V3, COMPAT_LAZY_REFCOUNTS,
+                                         COMPRESSION_ZLIB, COMPRESSION_ZSTD, EXT_BACKING_FORMAT,
+                                         EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, MAX_L1_ENTRIES,
+                                         MAX_VIRTUAL_SIZE,
                                          OFLAG_COPIED, SC_ALLOC_ALL, SECTOR, V3_HEADER_LENGTH,
                                          feature_table_bytes, l2_bits)
 
@@ -65,8 +68,11 @@ def _check_combinations(opts: dict, compat: str, cs: int) -> None:
             raise UsageError("qcow2 extended_l2 needs compat 1.1")
     if opts["extended_l2"] and cs < 16384:
         raise UsageError(f"qcow2 extended_l2 needs a cluster size of 16K or more (got {cs})")
-    if opts.get("compression_type", "zlib") != "zlib":
-        raise UsageError("only zlib compression is supported for qcow2")
+    ctype = str(opts.get("compression_type", "zlib"))
+    if ctype not in ("zlib", "zstd"):
+        raise UsageError(f"qcow2 option compression_type: invalid value {ctype!r}; choose from zlib, zstd")
+    if ctype != "zlib" and compat == "0.10":
+        raise UsageError("qcow2 compression_type other than zlib needs compat 1.1")
 
 
 class Plan:
@@ -91,6 +97,9 @@ class Plan:
         self.parent = parent
         self.refcount_order = opts["refcount_bits"].bit_length() - 1
         self.lazy_refcounts = bool(opts["lazy_refcounts"])
+        self.compression_type = COMPRESSION_ZSTD if opts.get("compression_type") == "zstd" else COMPRESSION_ZLIB
+        if self.compression_type == COMPRESSION_ZSTD:
+            zstd_module()  # a missing binding is refused before any file is made
 
 
 def lay_out(st, refcounts, clusters, plan: Plan, variant: str, progress: Progress) -> None:
@@ -99,10 +108,12 @@ def lay_out(st, refcounts, clusters, plan: Plan, variant: str, progress: Progres
     set_geometry(st, plan.cb, plan.extl2, plan.refcount_order)
     st.rt_offset, st.rt_clusters = plan.cs, 1
     if plan.version >= 3:
-        st.incompat = INCOMPAT_EXTL2 if plan.extl2 else 0
+        st.incompat = (INCOMPAT_EXTL2 if plan.extl2 else 0) | (INCOMPAT_COMPRESSION if plan.compression_type else 0)
         st.compat = COMPAT_LAZY_REFCOUNTS if plan.lazy_refcounts else 0
         st.header_length = V3_HEADER_LENGTH + ADDITIONAL_FIELDS_V3  # compression_type and padding
-        st.header_extra = bytes(ADDITIONAL_FIELDS_V3)
+        st.header_extra = ADDITIONAL_FIELDS.pack(compression_type=plan.compression_type).ljust(ADDITIONAL_FIELDS_V3,
+                                                                                             b"\0")
+        st.compression_type = plan.compression_type
     _write_first_clusters(st, plan)
     if plan.l1_size:
         clusters.grow_l1(plan.l1_size)

@@ -29,6 +29,10 @@ V3_HEADER_LENGTH = HEADER.size  # 104
 # Additional fields from byte 104 (kept as read, up to header_length)
 ADDITIONAL_FIELDS = Layout("qcow2 additional header fields", ">", (("compression_type", "B"),))
 ADDITIONAL_FIELDS_V3 = 8  # what qemu-img 7.2 writes: compression_type and padding
+# compression_type values (incompatible feature bit 3 is set for any but zlib)
+COMPRESSION_ZLIB = 0
+COMPRESSION_ZSTD = 1
+COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
 
 # Header extension framing: type, length (data follows, padded to 8)
 EXTENSION = Layout("qcow2 header extension", ">", (("type", "I"), ("length", "I")))
@@ -278,7 +282,7 @@ def feature_problems(hdr, exts: list, features: dict, extra: bytes) -> Iterator[
     elif ctype:
         yield CORRUPT, f"compression_type {ctype} is set without the compression type feature bit"
         return
-    if ctype not in (0, 1):
+    if ctype not in COMPRESSION_NAMES:
         yield UNSUPPORTED, f"unknown compression_type {ctype}"
         return
     if incompat & INCOMPAT_EXTL2 and hdr.cluster_bits < 14:

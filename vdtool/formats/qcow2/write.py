@@ -332,8 +332,6 @@ class Writer:
             self.write(offset, memoryview(raw_data).cast("B"))
             self.clusters.maybe_flush()
             return
-        if st.compression_type != 0:
-            raise UnsupportedFeature("writing zstd-compressed clusters is not supported", st.path)
         if len(compressed) >= cs:
             raise VdError(f"compressed cluster is {len(compressed)} bytes, not smaller than a cluster", st.path)
         self._store_compressed(offset >> st.cb, compressed)

@@ -40,8 +40,16 @@ def resize(st: VhdState, new_size: int, parent_read: ParentRead) -> None:
 
 
 def set_size_fields(st: VhdState, new_size: int) -> None:
+    """The footer's size fields for ``new_size``: current size, CHS
+    geometry and original size.  The specification calls original size
+    informational (the size at creation; Hyper-V's Resize-VHD leaves it
+    there), but libvhdi, and so vhdiinfo and the forensic tools built on it,
+    take it as the media size: it follows the new size, so that every
+    reader (qemu-img, VirtualBox and Hyper-V by current size, libvhdi by
+    original size, CHS readers by the geometry) sees the same disk."""
     ft = st.footer
     ft.current_size = new_size
+    ft.original_size = new_size
     ft.cylinders, ft.heads, ft.sectors_per_track = chs_geometry(new_size)
     if ft.creator_application in CHS_CREATORS:
         # the geometry would cut the new size: say the current size counts
