@@ -6,9 +6,10 @@
 #   ./scripts/test.sh tests/test_cli.py -k resize
 #
 # 1. Installs the peer tools the interop tests are judged by (qemu-img,
-#    qemu-io, the libyal readers) with apt-get when qemu-img is missing and
-#    root or password-less sudo is available; otherwise it says what to do
-#    (outside CI those tests then skip; in CI, CI=true, they fail).
+#    qemu-io and its curl driver, the libyal readers, bximage, cloop-utils,
+#    dmg2img, jq) with apt-get, those that are missing, when root or
+#    password-less sudo is available; otherwise it says what to do (outside
+#    CI those tests then skip; in CI, CI=true, they fail).
 # 2. Installs vdtool with its test extras (pip install -e '.[test]') into
 #    the current Python when its dependencies are missing; where that Python
 #    refuses (no pip, or an "externally managed" system Python) it uses a
@@ -22,7 +23,29 @@ PY="${PYTHON:-python3}"
 note() { echo "test.sh: $*" >&2; }
 
 # -- 1. peer tools ---------------------------------------------------------------
-if ! command -v qemu-img >/dev/null 2>&1; then
+# Each judge the tests need, and the Debian package that has it.  Only the
+# missing ones are installed, each on its own (one that fails to install
+# leaves the others: its tests skip outside CI and fail in CI).
+missing=()
+want() {  # want PACKAGE TEST...: the package when none of the tests passes
+    local pkg="$1"; shift
+    local t
+    for t in "$@"; do
+        eval "$t" >/dev/null 2>&1 && return 0
+    done
+    missing+=("$pkg")
+}
+want qemu-utils "command -v qemu-img"
+want libvhdi-utils "command -v vhdiinfo"
+want libvmdk-utils "command -v vmdkinfo"
+want libqcow-utils "command -v qcowinfo"
+want bximage "command -v bximage"                        # bochs images
+want cloop-utils "command -v create_compressed_fs"       # cloop images
+want dmg2img "command -v dmg2img"                        # DMG images
+want qemu-block-extra "ls /usr/lib/*/qemu/block-curl.so" # qemu-img reading URLs (curl driver)
+want openssl "command -v openssl"                        # the https test's certificate
+want jq "command -v jq"                                  # docs/pipelines.md recipes
+if [ "${#missing[@]}" -gt 0 ]; then
     SUDO=""
     if [ "$(id -u)" -ne 0 ]; then
         if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
@@ -32,18 +55,16 @@ if ! command -v qemu-img >/dev/null 2>&1; then
         fi
     fi
     if [ "$SUDO" != "none" ] && command -v apt-get >/dev/null 2>&1; then
-        note "installing qemu-utils and the libyal tools with apt-get"
+        note "installing the peer tools the tests are judged by: ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
         $SUDO apt-get update -q || note "apt-get update failed; trying the install anyway"
-        $SUDO apt-get install -y -q qemu-utils || note "could not install qemu-utils"
-        for pkg in libvhdi-utils libvmdk-utils libqcow-utils; do
-            $SUDO apt-get install -y -q "$pkg" || note "could not install $pkg (its interop tests will skip)"
+        for pkg in "${missing[@]}"; do
+            $SUDO apt-get install -y -q "$pkg" || note "could not install $pkg (its tests will skip, or fail in CI)"
         done
     else
-        note "qemu-img is not installed and I cannot install it (need root or sudo, and apt-get)."
-        note "Install it yourself: sudo apt-get install qemu-utils libvhdi-utils libvmdk-utils libqcow-utils"
-        note "(Debian/Ubuntu; on Fedora: dnf install qemu-img libvhdi-tools libvmdk-tools libqcow-tools)."
-        note "Without it the interop tests skip (outside CI) or fail (CI=true)."
+        note "missing peer tools (${missing[*]}) and I cannot install them (need root or sudo, and apt-get)."
+        note "Install them yourself: sudo apt-get install ${missing[*]}"
+        note "Without them their interop tests skip (outside CI) or fail (CI=true)."
     fi
 fi
 
