@@ -49,7 +49,11 @@ def command(file, fmt, repair, output, show_progress, quiet, force_share, parent
 
     Images are locked as QEMU locks them (OFD locks on their lock bytes):
     one that a running VM or qemu-img holds for writing is refused ("in
-    use") unless -U/--force-share is given."""
+    use") unless -U/--force-share is given.
+
+    FILE may be '-' (standard input, read into a temporary file first) or an
+    http:// or https:// URL (read with Range requests; its parents are looked up
+    next to it and may never be local files)."""
     if force_share and repair:
         raise click.UsageError("-U/--force-share can only be used with read-only access (not with --repair)")
     from vdtool.core.errors import NotSupported, VdError

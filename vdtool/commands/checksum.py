@@ -84,7 +84,11 @@ def command(images, fmt, algorithm, output, show_progress, quiet, force_share, f
 
     Images are locked as QEMU locks them: one that a running VM or qemu-img
     holds for writing is refused ("in use") unless -U/--force-share is
-    given."""
+    given.
+
+    An IMAGE may be '-' (standard input, read into a temporary file first) or an
+    http:// or https:// URL (read with Range requests; its parents are looked up
+    next to it and may never be local files)."""
     from vdtool.core.errors import OperationCancelled, VdError
     from vdtool.core.ops import checksum
 

@@ -50,7 +50,11 @@ def command(image_a, image_b, fmt, fmt_b, strict, output, show_progress, quiet, 
     against data reads both.  Without -s, an image longer than the other
     is the same when its tail reads as zeros ("Warning: Image size
     mismatch!" says the sizes differ).  Messages, offsets and exit status
-    are qemu-img compare's."""
+    are qemu-img compare's.
+
+    A or B may be '-' (standard input, read into a temporary file first) or an
+    http:// or https:// URL (read with Range requests; its parents are looked up
+    next to it and may never be local files)."""
     from vdtool.core.errors import VdError
     from vdtool.core.ops import compare
 

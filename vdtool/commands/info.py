@@ -45,7 +45,11 @@ def command(file, fmt, chain, output, force_share, parent_search, untrusted, for
     file the image references (backing and data files, extents, parents) is
     listed under external references; a probed image that references a file
     outside its folder, and an image read as raw whose content looks like
-    another format, are reported with a warning on stderr."""
+    another format, are reported with a warning on stderr.
+
+    FILE may be '-' (standard input, read into a temporary file first) or an
+    http:// or https:// URL (read with Range requests; its parents are looked up
+    next to it and may never be local files)."""
     from vdtool.core.ops import human_lines, info
 
     result = info(file, fmt, chain=chain, parent_search=parent_search, force=force, untrusted=untrusted,

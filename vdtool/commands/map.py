@@ -49,7 +49,11 @@ def command(file, fmt, output, start, max_length, force_share, parent_search, un
     present, zero, data, offset), for every format and for chains that mix
     them, plus 'compressed'.  Adjacent ranges are merged as qemu-img merges
     them.  The human table lists only the ranges with data; an image with
-    compressed clusters can only be shown as JSON (as in qemu-img)."""
+    compressed clusters can only be shown as JSON (as in qemu-img).
+
+    IMAGE may be '-' (standard input, read into a temporary file first) or an
+    http:// or https:// URL (read with Range requests; its parents are looked up
+    next to it and may never be local files)."""
     from vdtool.core.ops import map as map_image
     from vdtool.core.ops import map_human_lines
 

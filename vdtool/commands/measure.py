@@ -66,7 +66,11 @@ def command(image, size, fmt, out_fmt, variant, block_size, options, output, sho
     'bitmaps': the space its bitmaps would take.
 
     Errors as qemu-img measure: both or neither of --size and IMAGE, and
-    an unknown output format, exit with status 1."""
+    an unknown output format, exit with status 1.
+
+    IMAGE may be '-' (standard input, read into a temporary file first) or an
+    http:// or https:// URL (read with Range requests; its parents are looked up
+    next to it and may never be local files)."""
     if wants_option_help(options):
         from vdtool.core.errors import UsageError, VdError
         from vdtool.core.registry import canonical_name
