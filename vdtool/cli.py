@@ -232,9 +232,10 @@ Exit status:
 def main(debug: bool) -> None:
     """vdtool: create, inspect, convert and maintain virtual disk images.
 
-    Formats: raw, qcow2, vdi, vmdk and vhd (also called vpc) work, alone and
-    in chains that mix them; qcow, qed, vhdx, parallels and dmg are
-    recognised and refused with "not implemented yet".  Sizes are bytes or a number with a binary suffix (K M G T P E,
-    also KiB, MiB ...): 512, 64K, 10G, 1.5T.  An input image's format is
+    Formats: raw, qcow2, vdi, vmdk, vhd (also called vpc), qed, qcow and
+    parallels are read and written, alone and in chains that mix them; dmg,
+    bochs and cloop are read.  An image may be '-' (standard input or
+    output) or, to read, an http(s) URL.  Sizes are bytes or a number with a
+    binary suffix (K M G T P E, also KiB, MiB ...): 512, 64K, 10G, 1.5T.  An input image's format is
     probed from its content, never from its name, unless -f names one.  Run
     'vdtool COMMAND --help' for a command's options and examples."""
