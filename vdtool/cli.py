@@ -72,6 +72,20 @@ def _raise_terminated(signum, frame):
     raise Terminated(signum)
 
 
+_late_signals_hooked = False
+
+
+def _ignore_late_stop_signals() -> None:
+    """At exit: CPython puts the default actions back while it shuts down, so
+    a SIGTERM in the last moments would kill vdtool after its work is done
+    (status -15 instead of the one it has); from here on they are ignored."""
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except (ValueError, OSError):
+            pass
+
+
 def _install_stop_signals() -> None:
     """SIGTERM and SIGHUP unwind like Ctrl-C (staging folders removed,
     locks released) instead of killing the process where it stands;
@@ -84,6 +98,12 @@ def _install_stop_signals() -> None:
                 signal.signal(sig, _raise_terminated)
         except (ValueError, OSError):  # not the main thread (an embedding program)
             pass
+    global _late_signals_hooked
+    if not _late_signals_hooked:
+        import atexit
+
+        atexit.register(_ignore_late_stop_signals)
+        _late_signals_hooked = True
     # SIGUSR1 asks a long operation for a progress line (vdtool.progressbar);
     # before or between operations it must not kill vdtool (its default)
     try:

@@ -273,7 +273,7 @@ class VdiBackend(ImageBackend):
         fixed, diff = st.fixed, st.is_diff
         marker = VDI_IMAGE_BLOCK_ZERO if diff else VDI_IMAGE_BLOCK_FREE
         entries = st.map.mv
-        freed = False
+        release = {}  # allocated blocks that become the marker: close_holes gives them up in a crash-safe order
         pos, end = offset, offset + length
         while pos < end:
             b = pos >> shift
@@ -287,13 +287,15 @@ class VdiBackend(ImageBackend):
             elif whole:
                 # a ZERO entry reads as zeros whatever the marker would be
                 if e != marker and e != VDI_IMAGE_BLOCK_ZERO:
-                    set_entry(st, b, marker)
-                    freed = freed or allocated
+                    if allocated:
+                        release[b] = marker
+                    else:
+                        set_entry(st, b, marker)
             elif e == VDI_IMAGE_BLOCK_FREE and diff:
                 self._zero_over_parent(b, within, n)
             pos += n
-        if freed:
-            close_holes(st)
+        if release:
+            close_holes(st, release=release)
 
     def _zero_over_parent(self, b: int, within: int, n: int) -> None:
         """Part of a FREE block of a differencing image reads as zeros: it gets

@@ -1,6 +1,8 @@
 """Compacting a VDI: allocated blocks that read as zeros are released (FREE,
 or ZERO where a parent's data would otherwise show through), then the last
-blocks move into the holes and the file is cut."""
+blocks move into the holes and the file is cut.  The scan only reads; what
+it finds is handed to metadata.close_holes, which writes it in crash-safe
+order (a block's entry changes when its slot is given up, not before)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Callable
 from vdtool.core.errors import NotSupported
 from vdtool.core.progress import Progress
 from vdtool.formats.vdi.layout import VDI_IMAGE_BLOCK_FREE, VDI_IMAGE_BLOCK_ZERO
-from vdtool.formats.vdi.metadata import begin_write, close_holes, set_entry, sync
+from vdtool.formats.vdi.metadata import begin_write, close_holes, sync
 from vdtool.formats.vdi.state import VdiState
 
 
@@ -24,6 +26,7 @@ def compact(state: VdiState, parent_read: Callable[[int, int], bytes], progress:
     diff = state.is_diff
     size = state.virtual_size
     scan = progress.sub(0, 70)
+    release = {}  # virtual block -> its marker once its data block is given up
     for idx, vals in state.map.allocated_chunks():
         for b, e in zip(idx, vals):
             state.file.readinto(state.data_pos(b, e), buf)
@@ -34,8 +37,8 @@ def compact(state: VdiState, parent_read: Callable[[int, int], bytes], progress:
                     inside = max(0, min(bs, size - start))
                     if inside and parent_read(start, inside) != zero[:inside]:
                         marker = VDI_IMAGE_BLOCK_ZERO
-                set_entry(state, b, marker)
+                release[b] = marker
             scan.update(b + 1, cblocks)
     scan.update(cblocks, cblocks)
-    close_holes(state, progress.sub(70, 30))
+    close_holes(state, progress.sub(70, 30), release)
     sync(state)

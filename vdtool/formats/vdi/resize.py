@@ -38,14 +38,15 @@ def _shrink(state: VdiState, new_size: int, new_blocks: int) -> None:
     sync(state)
     state.file.flush()
     _zero_past_end(state, new_size, new_blocks)
-    freed = False
+    release = {}  # allocated blocks past the end: close_holes gives them up in a crash-safe order
     mv = state.map.mv
     for b in range(new_blocks, hdr.cBlocks):
         if mv[b] < VDI_IMAGE_BLOCK_ZERO:
-            freed = True
-        set_entry(state, b, VDI_IMAGE_BLOCK_FREE)
-    if freed:
-        close_holes(state)
+            release[b] = VDI_IMAGE_BLOCK_FREE
+        elif mv[b] != VDI_IMAGE_BLOCK_FREE:
+            set_entry(state, b, VDI_IMAGE_BLOCK_FREE)
+    if release:
+        close_holes(state, release=release)
     # only now that no entry points past it: the map ends at the new count
     hdr.cBlocks = new_blocks
     state.dirty = {b for b in state.dirty if b < new_blocks}
