@@ -14,11 +14,15 @@ from vdtool.core.stack import open_backend, open_image
 
 K, M = 1 << 10, 1 << 20
 
-EXT = {"raw": "img", "qcow2": "qcow2", "vdi": "vdi", "vmdk": "vmdk", "vhd": "vhd"}
+EXT = {"raw": "img", "qcow2": "qcow2", "vdi": "vdi", "vmdk": "vmdk", "vhd": "vhd", "parallels": "hds",
+       "vhdx": "vhdx", "qed": "qed",
+       "qcow": "qcow"}
 FORMATS = tuple(EXT)
-DIFF_FORMATS = ("qcow2", "vdi", "vmdk", "vhd")
+DIFF_FORMATS = ("qcow2", "vdi", "vmdk", "vhd", "vhdx", "qed", "qcow")
 # the format qemu-img calls it by
-QEMU_NAME = {"raw": "raw", "qcow2": "qcow2", "vdi": "vdi", "vmdk": "vmdk", "vhd": "vpc"}
+QEMU_NAME = {"raw": "raw", "qcow2": "qcow2", "vdi": "vdi", "vmdk": "vmdk", "vhd": "vpc", "parallels": "parallels",
+             "vhdx": "vhdx",
+             "qed": "qed", "qcow": "qcow"}
 # (format, variant) pairs that can be written in place
 WRITABLE_VARIANTS = (
     ("raw", "sparse"), ("raw", "full"),
@@ -27,8 +31,13 @@ WRITABLE_VARIANTS = (
     ("vmdk", "monolithicSparse"), ("vmdk", "monolithicFlat"), ("vmdk", "twoGbMaxExtentSparse"),
     ("vmdk", "twoGbMaxExtentFlat"),
     ("vhd", "dynamic"), ("vhd", "fixed"),
+    ("parallels", "dynamic"),
+    ("vhdx", "dynamic"), ("vhdx", "fixed"),
+    ("qed", "dynamic"), ("qcow", "dynamic"),
 )
-PREALLOCATED = {"raw": "full", "qcow2": "full", "vdi": "fixed", "vmdk": "monolithicFlat", "vhd": "fixed"}
+PREALLOCATED = {"raw": "full", "qcow2": "full", "vdi": "fixed", "vmdk": "monolithicFlat", "vhd": "fixed",
+                "parallels": "dynamic", "vhdx": "fixed", "qed": "dynamic",
+                "qcow": "dynamic"}  # parallels: no preallocated variant
 
 # Mixed chains, base first: the overlay's format names its parent its own way
 # (qcow2 backing file + format, VDI parent UUID, VMDK parentFileNameHint + CID,
@@ -41,6 +50,11 @@ MIXED_CHAINS = (
     ("vmdk", "qcow2"),
     ("raw", "vdi", "vhd"),
     ("qcow2", "vhd", "vmdk", "qcow2"),
+    ("vhd", "vhdx"),
+    ("vhdx", "qcow2"),
+    ("qcow2", "qed"),
+    ("qed", "qcow"),
+    ("vdi", "qed", "qcow2"),
 )
 
 

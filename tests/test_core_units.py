@@ -113,32 +113,28 @@ def test_qcow_v1_magic_is_qcow_not_qcow2(tmp_path):
     peers.qemu_img("create", "-q", "-f", "qcow", p, "1M")
     assert open(p, "rb").read(8) == b"QFI\xfb\x00\x00\x00\x01"
     assert registry.probe_format(str(p)) == "qcow"
-    with pytest.raises(NotImplementedFormat):
-        open_image(str(p))
+    with open_image(str(p)) as s:  # the qcow (v1) backend opens it
+        assert s.top.name == "qcow" and s.virtual_size == 1 << 20
     # a hand-made v1 header says the same
     h = _write(tmp_path / "hand.qcow2", b"QFI\xfb" + struct.pack(">I", 1) + bytes(64), 4096)
     assert registry.probe_format(h) == "qcow"
 
 
-@pytest.mark.parametrize("qfmt,name,opts", [
-    ("vhdx", "vhdx", ()), ("qed", "qed", ()),
-    ("parallels", "parallels", ()),
-])
-def test_unimplemented_formats_recognised(tmp_path, qfmt, name, opts):
-    p = tmp_path / "disk.img"
-    peers.qemu_img("create", "-q", "-f", qfmt, *opts, p, "1M")
-    assert registry.probe_format(str(p)) == name
-    with pytest.raises(NotImplementedFormat) as ei:
-        open_image(str(p))
-    assert name in str(ei.value) and "not implemented" in str(ei.value)
-    assert isinstance(ei.value, VdError)
+def test_unimplemented_formats_recognised(tmp_path):
+    # every format of the CLI contract now has a backend (VHDX was the
+    # last qemu-img can write); a pending one is still refused by name
+    for name, matches in registry._PENDING_MAGIC:  # noqa: SLF001 (empty once all are built)
+        assert name in registry.ALL_FORMATS
+    assert str(NotImplementedFormat("dmg", "x")) == "x: the dmg format is not implemented yet in vdtool"
+    assert issubclass(NotImplementedFormat, VdError)
 
 
 @pytest.mark.parametrize("qfmt,name,opts", [
     ("qcow2", "qcow2", ()), ("vdi", "vdi", ()), ("vdi", "vdi", ("-o", "static=on")),
     ("vmdk", "vmdk", ()), ("vmdk", "vmdk", ("-o", "subformat=monolithicFlat")),
     ("vmdk", "vmdk", ("-o", "subformat=streamOptimized")), ("vpc", "vhd", ()),
-    ("vpc", "vhd", ("-o", "subformat=fixed")),
+    ("vpc", "vhd", ("-o", "subformat=fixed")), ("parallels", "parallels", ()),
+    ("qed", "qed", ()), ("qcow", "qcow", ()),
 ])
 def test_implemented_formats_probed_by_content(tmp_path, qfmt, name, opts):
     p = tmp_path / "disk.img"  # a raw-sounding name: content decides
@@ -261,7 +257,9 @@ def _backend_classes():
 
 
 def _overrides(cls, method: str) -> bool:
-    return getattr(cls, method, None) is not getattr(ImageBackend, method)
+    # a classmethod (create, probe) gives a new bound method at every lookup: compare the functions
+    mine, base = getattr(cls, method, None), getattr(ImageBackend, method)
+    return getattr(mine, "__func__", mine) is not getattr(base, "__func__", base)
 
 
 @pytest.mark.parametrize("cls", _backend_classes(), ids=lambda c: c.name)
@@ -289,7 +287,7 @@ def test_capabilities_match_overrides(cls):
         "COMPRESS iff compress_block is overridden"
     assert bool(caps & Cap.COMPRESS) == _overrides(cls, "write_compressed_block"), \
         "COMPRESS iff write_compressed_block is overridden"
-    assert _overrides(cls, "block_status") and _overrides(cls, "readinto") and _overrides(cls, "open")
+    assert _overrides(cls, "block_status") and _overrides(cls, "readinto")  # open is the base's (_load_image)
     assert cls.name and cls.extensions and cls.variants
     assert _overrides(cls, "probe")
 

@@ -29,6 +29,7 @@ import pytest
 
 import peers
 import test_hostile as th
+import vhdxfuzz
 from vdrun import run_vdtool
 
 SEEDS_VD = [  # (name, format, variant, extra create args), made by vdtool
@@ -42,6 +43,11 @@ SEEDS_VD = [  # (name, format, variant, extra create args), made by vdtool
     ("vd-vmdk-stream", "vmdk", "streamOptimized", []),
     ("vd-vmdk-flat", "vmdk", "monolithicFlat", []),
     ("vd-vmdk-2g", "vmdk", "twoGbMaxExtentSparse", []),
+    ("vd-parallels", "parallels", None, ["-o", "cluster_size=65536"]),
+    ("vd-qed", "qed", None, ["-o", "cluster_size=4096,table_size=2"]),
+    ("vd-qcow", "qcow", None, []),
+    ("vd-qcow-c", "qcow", None, ["-c"]),
+    ("vd-vhdx", "vhdx", "dynamic", ["--block-size", "1M"]),
 ]
 SEEDS_QEMU = [  # (name, qemu format, -o options)
     ("q-qcow2-c512", "qcow2", "cluster_size=512"),
@@ -53,8 +59,13 @@ SEEDS_QEMU = [  # (name, qemu format, -o options)
     ("q-vmdk", "vmdk", "subformat=monolithicSparse"),
     ("q-vmdk-stream", "vmdk", "subformat=streamOptimized"),
     ("q-vmdk-flat", "vmdk", "subformat=monolithicFlat"),
+    ("q-parallels", "parallels", "cluster_size=65536"),
+    ("q-qed", "qed", "cluster_size=4096"),
+    ("q-qcow", "qcow", "encryption=off"),
+    ("q-vhdx", "vhdx", "block_size=1M"),
 ]
-EXT = {"qcow2": ".qcow2", "vdi": ".vdi", "vhd": ".vhd", "vpc": ".vhd", "vmdk": ".vmdk", "raw": ".img"}
+EXT = {"qcow2": ".qcow2", "vdi": ".vdi", "vhd": ".vhd", "vpc": ".vhd", "vmdk": ".vmdk", "raw": ".img",
+       "parallels": ".hds", "dmg": ".dmg", "vhdx": ".vhdx", "qed": ".qed", "qcow": ".qcow"}
 SIZE = "2M"
 
 
@@ -71,7 +82,7 @@ def make_seeds(root) -> list:
         run_vdtool(d, *args, pattern, main, expect=0)
         seeds.append((name, fmt, d, main))
     # differencing images (vdtool): the child is fuzzed, the parent stays valid
-    for fmt in ("qcow2", "vdi", "vhd", "vmdk"):
+    for fmt in ("qcow2", "vdi", "vhd", "vmdk", "vhdx", "qed", "qcow"):
         d = root / f"vd-{fmt}-diff"
         d.mkdir()
         run_vdtool(d, "convert", "-q", "-f", "raw", "-O", fmt, pattern, "base" + EXT[fmt], expect=0)
@@ -86,11 +97,58 @@ def make_seeds(root) -> list:
             peers.qemu_io(main, "write -P 0x41 0 64k", "write -P 0x42 300k 5k", "write -P 0x43 1000k 24k",
                           fmt=qfmt)
         seeds.append((name, "vhd" if qfmt == "vpc" else qfmt, d, main))
+    seeds += _dmg_seeds(root)
+    seeds += _readonly_seeds(root, pattern)
+    d = root / "q-qcow2-zstd"  # zstd-compressed clusters, as qemu-img writes them
+    d.mkdir()
+    peers.qemu_img("convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd,cluster_size=4096", pattern,
+                   d / "img.qcow2")
+    seeds.append(("q-qcow2-zstd", "qcow2", d, d / "img.qcow2"))
     rawd = root / "raw"
     rawd.mkdir()
     shutil.copy(pattern, rawd / "img.img")
     seeds.append(("raw", "raw", rawd, rawd / "img.img"))
     return seeds
+
+
+def _dmg_seeds(root) -> list:
+    """DMGs built from the specification (no tool here makes them): every
+    chunk kind with the property list, and the resource-fork form."""
+    import dmgkit
+
+    text = (bytes(range(256)) * 64)[:16384]
+    layout = [("DDM", [("raw", b"\x11" * 1024)]),
+              ("Apple_HFS", [("zlib", text), ("zero", bytes(4096)), ("bzip2", text[::-1]), ("adc", text),
+                             ("ignore", bytes(1024)), ("raw", text[:2048])])]
+    out = []
+    for name, rsrc in (("dmg-plist", False), ("dmg-rsrc", True)):
+        d = root / name
+        d.mkdir()
+        dmgkit.build(d / "img.dmg", layout, rsrc=rsrc, comments=True)
+        out.append((name, "dmg", d, d / "img.dmg"))
+    return out
+
+
+def _readonly_seeds(root, pattern) -> list:
+    """bochs (bximage: a Growing disk, and an Undoable journal over a flat
+    base made from it) and cloop (create_compressed_fs: two block sizes)."""
+    out = []
+    for name, tool, args, fname in (
+            ("bochs", "bximage", ["-func=convert", "-imgmode=growing", "-q"], "img.img"),
+            ("cloop", "create_compressed_fs", ["-q", "-B", "16384"], "img.cloop"),
+            ("cloop-512", "create_compressed_fs", ["-q", "-B", "512", "-L", "0"], "img.cloop")):
+        d = root / name
+        d.mkdir()
+        peers.run(tool, *args, pattern, d / fname)
+        out.append((name, name.split("-")[0], d, d / fname))
+    d = root / "bochs-journal"  # BASE.redolog over BASE
+    d.mkdir()
+    journal = bytearray((root / "bochs" / "img.img").read_bytes())
+    journal[48:64] = b"Undoable".ljust(16, b"\0")
+    (d / "img.img.redolog").write_bytes(journal)
+    (d / "img.img").write_bytes(bytes([0x5A]) * pattern.stat().st_size)
+    out.append(("bochs-journal", "bochs", d, d / "img.img.redolog"))
+    return out
 
 
 # -- where the metadata is ------------------------------------------------------------------------
@@ -127,6 +185,21 @@ def metadata_spans(fmt: str, data: bytes) -> list:
                 first = struct.unpack_from(">I", data, bat)[0]
                 if first != 0xFFFFFFFF:
                     spans.append((first * 512, first * 512 + 512))
+        elif fmt == "vhdx":
+            spans += vhdxfuzz.spans(data)
+        elif fmt in ("qed", "qcow"):
+            spans += _two_level_spans(fmt, data)
+        elif fmt == "parallels":
+            spans.append((0, min(n, 64 + 4 * struct.unpack_from("<I", data, 32)[0])))
+        elif fmt == "bochs":
+            spans.append((0, 512 + 4 * struct.unpack_from("<I", data, 72)[0]))  # header and catalog
+        elif fmt == "cloop":
+            spans.append((0, 136 + 8 * (struct.unpack_from(">I", data, 132)[0] + 1)))  # header and offsets
+        elif fmt == "dmg":
+            spans.append((max(0, n - 512), n))  # the koly trailer
+            xml, xml_len = struct.unpack_from(">QQ", data, n - 512 + 216)
+            rsrc, rsrc_len = struct.unpack_from(">QQ", data, n - 512 + 40)
+            spans.append((xml, xml + xml_len) if xml_len else (rsrc, rsrc + rsrc_len))
         elif fmt == "vmdk":
             if data[:4] == b"KDMV":
                 desc, dsize = struct.unpack_from("<QQ", data, 28)
@@ -143,6 +216,23 @@ def metadata_spans(fmt: str, data: bytes) -> list:
     except (struct.error, KeyError, IndexError):
         pass
     return [(max(0, a), min(n, b)) for a, b in spans if 0 <= a < n and b > a]
+
+
+
+def _two_level_spans(fmt: str, data: bytes) -> list:
+    """QED's and QCOW's L1 table and first L2 table."""
+    if fmt == "qed":
+        cs, ts = struct.unpack_from("<II", data, 4)
+        l1 = struct.unpack_from("<Q", data, 40)[0]
+        span, l2 = ts * cs, struct.unpack_from("<Q", data, l1)[0]
+    else:
+        l1 = struct.unpack_from(">Q", data, 40)[0]
+        span, l2 = 8 << data[33], struct.unpack_from(">Q", data, l1)[0]
+    out = [(l1, l1 + min(span, 4096))]
+    if l2 & ((1 << 62) - 1):
+        l2 &= (1 << 62) - 1
+        out.append((l2, l2 + min(span, 4096)))
+    return out
 
 
 # -- header fields and hostile values ----------------------------------------------------------------
@@ -184,6 +274,65 @@ VHD_DYN_FIELDS = [
     ("dyn.max_table_entries", 28, ">I", HOSTILE_32 + [2]),
     ("dyn.block_size", 32, ">I", [0, 1, 512, 3000, 1 << 31, 0xFFFFFFFF]),
     ("dyn.locator0", 576, ">4sIIIQ", None),  # special: hostile locators
+]
+
+PARALLELS_FIELDS = [
+    ("version", 16, "<I", [0, 1, 3, 0xFFFFFFFF]),
+    ("tracks", 28, "<I", [0, 1, 3, 0x7FFFFFFF, 0xFFFFFFFF]),
+    ("bat_entries", 32, "<I", HOSTILE_32 + [2]),
+    ("nb_sectors", 36, "<Q", HOSTILE_64 + [1 << 32 | 8]),
+    ("inuse", 44, "<I", [0x746F6E59, 0x312E3276, 1]),
+    ("data_off", 48, "<I", HOSTILE_32 + [1, 128]),
+    ("flags", 52, "<I", [1, 2, 0xFFFFFFFF]),
+    ("ext_off", 56, "<Q", HOSTILE_64),
+]
+QED_FIELDS = [
+    ("cluster_size", 4, "<I", HOSTILE_32 + [4096 + 1, 1 << 27]),
+    ("table_size", 8, "<I", HOSTILE_32 + [3, 32]),
+    ("header_size", 12, "<I", HOSTILE_32 + [2]),
+    ("features", 16, "<Q", [1, 2, 4, 8, U64]),
+    ("compat_features", 24, "<Q", [1, U64]),
+    ("autoclear_features", 32, "<Q", [1, U64]),
+    ("l1_table_offset", 40, "<Q", HOSTILE_64 + [4096 + 8]),
+    ("image_size", 48, "<Q", HOSTILE_64 + [513]),
+    ("backing_filename_offset", 56, "<I", HOSTILE_32),
+    ("backing_filename_size", 60, "<I", HOSTILE_32),
+]
+QCOW_FIELDS = [
+    ("version", 4, ">I", [0, 2, 3, 0xFFFFFFFF]),
+    ("backing_file_offset", 8, ">Q", HOSTILE_64 + [48]),
+    ("backing_file_size", 16, ">I", HOSTILE_32 + [1023, 1024]),
+    ("size", 24, ">Q", HOSTILE_64 + [513]),
+    ("cluster_bits", 32, ">B", [0, 8, 17, 63, 255]),
+    ("l2_bits", 33, ">B", [0, 5, 14, 63, 255]),
+    ("crypt_method", 36, ">I", [1, 2, 0xFFFFFFFF]),
+    ("l1_table_offset", 40, ">Q", HOSTILE_64 + [8]),
+]
+BOCHS_FIELDS = [
+    ("version", 64, "<I", [0, 0x10000, 0x30000, 0xFFFFFFFF]),
+    ("header", 68, "<I", HOSTILE_32 + [511, 4096]),
+    ("catalog", 72, "<I", HOSTILE_32 + [0x100000, 2]),
+    ("bitmap", 76, "<I", HOSTILE_32),
+    ("extent", 80, "<I", HOSTILE_32 + [511, 3 << 12, 1 << 24]),
+    ("disk", 88, "<Q", HOSTILE_64 + [511]),
+]
+CLOOP_FIELDS = [
+    ("block_size", 128, ">I", HOSTILE_32 + [512, 1000, 64 << 20]),
+    ("num_blocks", 132, ">I", HOSTILE_32 + [0x3FFFFFF]),
+    ("offset[0]", 136, ">Q", HOSTILE_64 + [136]),
+    ("offset[1]", 144, ">Q", HOSTILE_64 + [136]),
+]
+# koly trailer fields, as offsets from the trailer's start
+DMG_FIELDS = [
+    ("HeaderSize", 8, ">I", [0, 511, 0xFFFFFFFF]),
+    ("DataForkOffset", 24, ">Q", HOSTILE_64),
+    ("DataForkLength", 32, ">Q", HOSTILE_64),
+    ("RsrcForkOffset", 40, ">Q", HOSTILE_64),
+    ("RsrcForkLength", 48, ">Q", HOSTILE_64 + [16]),
+    ("SegmentCount", 60, ">I", [0, 2, 0xFFFFFFFF]),
+    ("XMLOffset", 216, ">Q", HOSTILE_64),
+    ("XMLLength", 224, ">Q", HOSTILE_64 + [100]),
+    ("SectorCount", 492, ">Q", HOSTILE_64 + [3]),
 ]
 
 VMDK_FIELDS = [
@@ -234,6 +383,8 @@ def _vhd_checksum(buf: bytearray, start: int, field: int, length: int) -> None:
 
 def fix_checksums(fmt: str, buf: bytearray) -> None:
     """Recompute checksums so that pokes reach the field checks."""
+    if fmt == "vhdx":
+        vhdxfuzz.fix_checksums(buf)
     if fmt == "vhd" and len(buf) >= 512:
         for foot in (len(buf) - 512, 0):
             if buf[foot:foot + 8] == b"conectix":
@@ -294,6 +445,38 @@ def field_cases(fmt: str, data: bytes) -> list:
             bat = struct.unpack_from(">Q", data, dyn + 16)[0]
             for v in (0, 1, 2, 0x7FFFFFFF, len(data) // 512, 0xFFFFFFFE):
                 poke(f"BAT[0]={v:#x}", bat, ">I", v)
+    elif fmt == "vhdx":
+        vhdxfuzz.field_cases(data, poke)
+    elif fmt == "parallels":
+        for f, off, sfmt, vals in PARALLELS_FIELDS:
+            for v in vals:
+                poke(f"{f}={v:#x}", off, sfmt, v)
+        for v in (1, 2, 0x7FFFFFFF, 0xFFFFFFFF, struct.unpack_from("<I", data, 64)[0]):
+            poke(f"BAT[0]={v:#x}", 64, "<I", v)
+            poke(f"BAT[1]={v:#x}", 68, "<I", v)
+    elif fmt in ("qed", "qcow"):
+        for f, off, sfmt, vals in QED_FIELDS if fmt == "qed" else QCOW_FIELDS:
+            for v in vals:
+                poke(f"{f}={v:#x}", off, sfmt, v)
+        order = "<Q" if fmt == "qed" else ">Q"
+        l1 = struct.unpack_from(order, data, 40)[0]
+        l2 = struct.unpack_from(order, data, l1)[0] if l1 + 8 <= len(data) else 0
+        for v in (1, 2, 511, len(data), len(data) + 4096, 1 << 56, U64, (1 << 63) | len(data), l1, 0):
+            poke(f"L1[0]={v:#x}", l1, order, v)
+            if l2:
+                poke(f"L2[0]={v:#x}", l2 & ((1 << 62) - 1), order, v)
+    elif fmt in ("bochs", "cloop"):
+        for f, off, sfmt, vals in BOCHS_FIELDS if fmt == "bochs" else CLOOP_FIELDS:
+            for v in vals:
+                poke(f"{f}={v:#x}", off, sfmt, v)
+        if fmt == "bochs":
+            for v in (0, 1, 0x7FFFFFFF, 0xFFFFFFFE):
+                poke(f"catalog[0]={v:#x}", 512, "<I", v)
+    elif fmt == "dmg":
+        koly = len(data) - 512
+        for f, off, sfmt, vals in DMG_FIELDS:
+            for v in vals:
+                poke(f"{f}={v:#x}", koly + off, sfmt, v)
     elif fmt == "vmdk":
         if data[:4] == b"KDMV":
             for f, off, sfmt, vals in VMDK_FIELDS:
@@ -378,10 +561,12 @@ def test_seeds_are_valid(seeds, tmp_path):
     (tmp_path / "out").mkdir()
     for name, fmt, folder, main in seeds:
         r = th.run_case({"name": name, "path": str(main), "fmt": fmt}, str(tmp_path / "out"))
-        assert r["ok"] and r["refused"] == ([] if fmt != "raw" else ["check"]), (name, r)  # raw: no check
+        no_check = ("raw", "dmg", "bochs", "cloop")
+        assert r["ok"] and r["refused"] == ([] if fmt not in no_check else ["check"]), (name, r)  # no check
 
 
-@pytest.mark.parametrize("fmt", ["qcow2", "vdi", "vhd", "vmdk"])
+@pytest.mark.parametrize("fmt", ["qcow2", "vdi", "vhd", "vmdk", "parallels", "dmg", "bochs", "cloop", "vhdx",
+                                 "qed", "qcow"])
 def test_fuzz_quick(seeds, tmp_path, fmt):
     rng = random.Random(f"quick-{fmt}")
     mine = [s for s in seeds if s[1] == fmt]
@@ -395,7 +580,8 @@ def test_fuzz_quick_raw_probing(seeds, tmp_path):
     rng = random.Random("raw")
     seed = [s for s in seeds if s[1] == "raw"][0]
     heads = [b"QFI\xfb", b"KDMV", b"conectix", b"# Disk DescriptorFile\n", b"<<< Oracle VM VirtualBox Disk "
-             b"Image >>>\n" + bytes(24) + b"\x7f\x10\xda\xbe", b"vhdxfile", b"QED\x00", b"COWD"]
+             b"Image >>>\n" + bytes(24) + b"\x7f\x10\xda\xbe", b"vhdxfile", b"QED\x00", b"COWD",
+             b"Bochs Virtual HD Image\0".ljust(32, b"\0") + b"Redolog\0".ljust(16, b"\0"), b"#!/bin/sh\n#V2.0 Format\n"]
     cases = []
     for i in range(60):
         body = bytes(rng.randrange(256) for _ in range(rng.choice([0, 3, 100, 511, 512, 4096])))

@@ -37,7 +37,7 @@ def qemu_judge(path, want: bytes, tmp_path, fmt: str) -> None:
     """qemu-img check (formats qemu checks) and compare against the expected
     content, for images qemu can read."""
     qfmt = ck.QEMU_NAME[fmt]
-    if fmt in ("qcow2", "vdi", "vmdk"):
+    if fmt in ("qcow2", "vdi", "vmdk", "parallels", "qed"):
         r = peers.qemu_check(path, qfmt)
         if r["_exit"] != 63:  # 63: qemu has no check for this variant
             assert r["_exit"] == 0 and not r.get("corruptions"), f"qemu-img check {path}: {r}"
@@ -47,10 +47,11 @@ def qemu_judge(path, want: bytes, tmp_path, fmt: str) -> None:
 
 
 def qemu_reads_chain(formats) -> bool:
-    """qemu follows qcow2 backing files (any format) and VMDK parent hints
-    (to VMDK parents only); it has no VDI or VHD differencing images."""
+    """qemu follows qcow2, QED and QCOW backing files (any format) and VMDK
+    parent hints (to VMDK parents only); it has no VDI or VHD differencing
+    images."""
     for below, f in zip(formats, formats[1:]):
-        if f not in ("qcow2", "vmdk") or (f == "vmdk" and below != "vmdk"):
+        if f not in ("qcow2", "vmdk", "qed", "qcow") or (f == "vmdk" and below != "vmdk"):
             return False
     return True
 

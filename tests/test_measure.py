@@ -353,8 +353,9 @@ def test_cli_other_formats_and_help(tmp_path):
     out = cli("measure", "-O", "vpc", "--size", "10M", expect=0).stdout
     assert out.splitlines()[0].startswith("required size: ")
     assert "Supported options for vdi" in cli("measure", "-O", "vdi", "-o", "help", expect=0).stdout
-    err = cli("measure", "-O", "vhdx", "--size", "1G", expect=1).stderr
-    assert "not implemented yet" in err
+    out = cli("measure", "-O", "vhdx", "--size", "1G", "--output", "json", expect=0).stdout
+    # header section, log, metadata and BAT: 1 MiB each
+    assert json.loads(out) == {"required": 4 * MiB, "fully-allocated": 4 * MiB + 1024 * MiB}
     err = cli("measure", "-O", "qcow2", "--variant", "fixed", "--size", "1G", expect=2).stderr
     assert err.startswith("vdtool: error: ") or "Error" in err
     assert "Examples" in cli("measure", "--help", expect=0).stdout

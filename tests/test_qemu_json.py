@@ -63,6 +63,7 @@ QEMU_MADE = [
     ("q.vhd", ["-f", "vpc"]),
     ("qf.vhd", ["-f", "vpc", "-o", "subformat=fixed"]),
     ("q.img", ["-f", "raw"]),
+    ("q.hds", ["-f", "parallels"]),
 ]
 
 # (file name, vdtool create arguments) — made by vdtool
@@ -76,6 +77,7 @@ VD_MADE = [
     ("v.vhd", ["-f", "vhd"]),
     ("vf.vhd", ["-f", "vhd", "--variant", "fixed"]),
     ("v.img", ["-f", "raw"]),
+    ("v.hds", ["-f", "parallels"]),
 ]
 
 
@@ -85,7 +87,8 @@ def test_info_json_has_every_qemu_img_key(tmp_path, name, args):
         peers.qemu_img("create", "-q", *args, tmp_path / name, "5M")
     else:
         cli("create", "-q", *args, name, "5M", cwd=tmp_path, expect=0)
-    qfmt = {"qcow2": "qcow2", "vdi": "vdi", "vmdk": "vmdk", "vhd": "vpc", "img": "raw"}[name.rsplit(".", 1)[1]]
+    qfmt = {"qcow2": "qcow2", "vdi": "vdi", "vmdk": "vmdk", "vhd": "vpc", "img": "raw",
+            "hds": "parallels"}[name.rsplit(".", 1)[1]]
     # -f for qemu-img: it probes a fixed VHD (footer at the end only) as raw
     q = _qemu_json(tmp_path, "info", "-f", qfmt, str(tmp_path / name))
     v = _vd_json(tmp_path, "info", str(tmp_path / name))
@@ -120,7 +123,7 @@ def test_backing_chain_is_a_list_as_qemu_img_gives(tmp_path, relative):
     assert _vd_json(cwd, "info", "--chain", name) == v  # --chain: the old name
 
 
-@pytest.mark.parametrize("fmt,qfmt", [("qcow2", "qcow2"), ("vdi", "vdi"), ("vmdk", "vmdk")])
+@pytest.mark.parametrize("fmt,qfmt", [("qcow2", "qcow2"), ("vdi", "vdi"), ("vmdk", "vmdk"), ("hds", "parallels")])
 def test_check_json_has_every_qemu_img_key(tmp_path, fmt, qfmt):
     p = tmp_path / f"c.{fmt}"
     peers.qemu_img("create", "-q", "-f", qfmt, p, "8M")

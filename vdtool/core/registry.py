@@ -21,13 +21,20 @@ BUILTIN = {
     "vhd": "vdtool.formats.vhd.backend:VhdBackend",
     "vmdk": "vdtool.formats.vmdk.backend:VmdkBackend",
     "vdi": "vdtool.formats.vdi.backend:VdiBackend",
+    "vhdx": "vdtool.formats.vhdx.backend:VhdxBackend",
+    "qed": "vdtool.formats.qed.backend:QedBackend",
+    "qcow": "vdtool.formats.qcow.backend:QcowBackend",
+    "parallels": "vdtool.formats.parallels.backend:ParallelsBackend",
+    "dmg": "vdtool.formats.dmg.backend:DmgBackend",
+    "bochs": "vdtool.formats.bochs.backend:BochsBackend",
+    "cloop": "vdtool.formats.cloop.backend:CloopBackend",
 }
 
-ALL_FORMATS = ("raw", "qcow2", "qcow", "qed", "vdi", "vmdk", "vhd", "vhdx", "parallels", "dmg")
+ALL_FORMATS = ("raw", "qcow2", "qcow", "qed", "vdi", "vmdk", "vhd", "vhdx", "parallels", "dmg", "bochs", "cloop")
 ALIASES = {"vpc": "vhd"}
 EXTENSIONS = {
     ".img": "raw", ".raw": "raw", ".qcow2": "qcow2", ".qcow": "qcow", ".qed": "qed", ".vdi": "vdi",
-    ".vmdk": "vmdk", ".vhd": "vhd", ".vhdx": "vhdx", ".hdd": "parallels", ".hds": "parallels",
+    ".vmdk": "vmdk", ".vhd": "vhd", ".vhdx": "vhdx", ".hdd": "parallels", ".hds": "parallels", ".dmg": "dmg",
 }
 
 _loaded: dict = {}
@@ -143,17 +150,19 @@ LAYOUTS = {
     "vdi": "vdtool.formats.vdi.layout",
     "vmdk": "vdtool.formats.vmdk.layout",
     "vhd": "vdtool.formats.vhd.layout",
+    "vhdx": "vdtool.formats.vhdx.layout",
+    "qed": "vdtool.formats.qed.layout",
+    "qcow": "vdtool.formats.qcow.layout",
+    "parallels": "vdtool.formats.parallels.layout",
+    "dmg": "vdtool.formats.dmg.layout",
+    "bochs": "vdtool.formats.bochs.layout",
+    "cloop": "vdtool.formats.cloop.layout",
 }
 
 # Formats of the CLI contract without a backend yet, by the magic at their
 # start (or a UDIF trailer's), so that they are refused by name instead of
 # being read as raw.
-_QCOW_MAGIC = b"QFI\xfb"
 _PENDING_MAGIC = (
-    ("qed", lambda head, tail: head[:4] == b"QED\x00"),
-    ("vhdx", lambda head, tail: head[:8] == b"vhdxfile"),
-    ("parallels", lambda head, tail: head[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt")),
-    ("dmg", lambda head, tail: len(tail) >= 512 and tail[-512:-508] == b"koly"),
 )
 
 
@@ -170,8 +179,6 @@ def _magic_scores(head: bytes, tail: bytes, size: int) -> dict:
         score = layout_module(name).sniff(head, tail, size)
         if score:
             s[name] = score
-    if head[:4] == _QCOW_MAGIC and "qcow2" not in s:
-        s["qcow"] = 100  # version 1: qcow2's layout sniffs versions 2 and up
     for name, matches in _PENDING_MAGIC:
         if matches(head, tail):
             s[name] = 100
