@@ -252,6 +252,10 @@ class _CancelOnSignal:
     def _handler(self, signum, frame):
         self.requested = signum
         self._restore()
+        from vdtool.core.progress import output_blocking
+
+        if output_blocking():  # blocked on a pipe's reader: no progress report may ever come
+            raise self.cancelled()
         try:
             again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             sys.stderr.write(f"\nvdtool: stopping at the next safe point ({again} again to stop at once)\n")

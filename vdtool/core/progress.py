@@ -46,3 +46,29 @@ class Progress:
 
 
 NO_PROGRESS = Progress(None)
+
+
+# A write into a pipe blocks for as long as its reader pleases (a stalled
+# upload, a reader that stopped reading): a stop signal that came then
+# would wait for a progress report that never comes.  Writes that can block
+# like that run inside blocking_output(), and the CLI's signal handler stops
+# the op at once while one does (vdtool.progressbar).
+_blocking_output = 0
+
+
+class blocking_output:
+    """Context: the write inside may block on its reader."""
+
+    def __enter__(self):
+        global _blocking_output
+        _blocking_output += 1
+        return self
+
+    def __exit__(self, *exc):
+        global _blocking_output
+        _blocking_output -= 1
+        return False
+
+
+def output_blocking() -> bool:
+    return _blocking_output > 0

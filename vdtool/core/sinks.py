@@ -19,6 +19,7 @@ from typing import Optional
 
 from vdtool.core.bytesutil import ZERO_BUFFER, zeros
 from vdtool.core.errors import VdError
+from vdtool.core.progress import blocking_output
 
 STDOUT_NAME = "-"
 _PIECE = 1 << 20
@@ -97,9 +98,10 @@ class StreamTarget(_Target):
         mv = memoryview(data).cast("B")
         done = 0
         try:
-            while done < len(mv):
-                done += os.write(self.fd, mv[done:done + _PIECE])
-                self.written = offset + done
+            with blocking_output():
+                while done < len(mv):
+                    done += os.write(self.fd, mv[done:done + _PIECE])
+                    self.written = offset + done
         except OSError as e:
             raise self.fail(e) from None
         self._skipped = False
@@ -121,9 +123,10 @@ class StreamTarget(_Target):
             return
         end = offset + length
         try:
-            while self.written < end:
-                n = min(len(ZERO_BUFFER), end - self.written)
-                self.written += os.write(self.fd, zeros(n))
+            with blocking_output():
+                while self.written < end:
+                    n = min(len(ZERO_BUFFER), end - self.written)
+                    self.written += os.write(self.fd, zeros(n))
         except OSError as e:
             raise self.fail(e) from None
 
