@@ -14,7 +14,8 @@
 #    the current Python when its dependencies are missing; where that Python
 #    refuses (no pip, or an "externally managed" system Python) it uses a
 #    virtual environment .venv in the repo instead.
-# 3. Runs pytest; extra arguments go to pytest.
+# 3. Runs pytest with one worker per core (pytest-xdist; -n 0 runs serially);
+#    extra arguments go to pytest.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -74,7 +75,9 @@ has_deps() {
 import importlib.util, sys
 if sys.version_info < (3, 10):
     sys.exit(1)
-mods = ["click", "rich", "tqdm", "xxhash", "pytest", "hypothesis"]
+mods = ["click", "rich", "tqdm", "xxhash", "pytest", "hypothesis", "xdist"]
+if sys.version_info < (3, 14):
+    mods.append("backports.zstd")
 sys.exit(1 if any(importlib.util.find_spec(m) is None for m in mods) else 0)
 PYEOF
 }
@@ -104,4 +107,6 @@ if ! has_deps "$PY"; then
 fi
 
 # -- 3. the tests ------------------------------------------------------------------
-exec "$PY" -m pytest -q "$@"
+# One worker per core (pytest-xdist): most tests wait on qemu-img and
+# vdtool subprocesses, and the default run stays within CI's ten minutes.
+exec "$PY" -m pytest -q -n auto "$@"
