@@ -342,7 +342,8 @@ def _small_tmpfs(path, size="4m"):
 
 @pytest.mark.parametrize("fmt,variant,ext", [("qcow2", None, ".qcow2"), ("vdi", "dynamic", ".vdi"),
                                              ("vhd", "fixed", ".vhd"), ("vmdk", "monolithicSparse", ".vmdk"),
-                                             ("vmdk", "streamOptimized", ".vmdk")])
+                                             ("vmdk", "streamOptimized", ".vmdk"), ("qed", None, ".qed"),
+                                             ("qcow", None, ".qcow"), ("parallels", None, ".hds")])
 def test_tables_first_formats_are_laid_out_ahead_without_a_copy_of_the_data(tmp_path, fmt, variant, ext):
     """128 MiB of data go down the pipe while TMPDIR has room for 4 MiB:
     only the image's tables are kept there (the data is read again from the

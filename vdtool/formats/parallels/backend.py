@@ -10,7 +10,7 @@ from typing import Optional
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentSpec, Status
 from vdtool.core.bytesutil import zeros
 from vdtool.core.errors import UsageError, VdError
-from vdtool.core.fileio import ImageFile
+from vdtool.core.fileio import ImageFile, create_file
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.formats.parallels.create import new_header, write_image
 from vdtool.formats.parallels.layout import INUSE_MAGIC, VARIANTS, sniff
@@ -67,7 +67,7 @@ class ParallelsBackend(ImageBackend):
 
             return create_bundle(cls, path, size, block_size, dict(options or {}))
         hdr = new_header(size, variant, block_size, dict(options or {}))
-        f = ImageFile(path, create=True)
+        f = create_file(path)
         try:
             self = cls(f)
             self.state = write_image(f, hdr)

@@ -8,7 +8,7 @@ from typing import Optional
 
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentRef, ParentSpec, Status
 from vdtool.core.errors import VdError
-from vdtool.core.fileio import ImageFile
+from vdtool.core.fileio import ImageFile, create_file
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.formats.qcow import clusters
 from vdtool.formats.qcow.header import load, set_backing, write_xen
@@ -47,7 +47,7 @@ class QcowBackend(ImageBackend):
         from vdtool.formats.qcow.create import new_header, write_image  # when used
 
         hdr, name = new_header(size, variant, block_size, parent, cls.parse_options(dict(options or {})))
-        f = ImageFile(path, create=True)
+        f = create_file(path)
         try:
             write_image(f, hdr, name)
             self = cls(f)

@@ -7,7 +7,7 @@ from typing import Optional
 
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentRef, ParentSpec, Status
 from vdtool.core.errors import VdError
-from vdtool.core.fileio import ImageFile
+from vdtool.core.fileio import ImageFile, create_file
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.formats.qed import clusters
 from vdtool.formats.qed.header import clear_need_check, load, set_backing
@@ -53,7 +53,7 @@ class QedBackend(ImageBackend):
         from vdtool.formats.qed.create import new_header, write_image  # when used
 
         hdr = new_header(size, variant, block_size, cls.parse_options(dict(options or {})))
-        f = ImageFile(path, create=True)
+        f = create_file(path)
         try:
             write_image(f, hdr)
             self = cls(f)
