@@ -75,7 +75,7 @@ has_deps() {
 import importlib.util, sys
 if sys.version_info < (3, 10):
     sys.exit(1)
-mods = ["click", "rich", "tqdm", "xxhash", "pytest", "hypothesis", "xdist"]
+mods = ["click", "rich", "tqdm", "xxhash", "pytest", "hypothesis", "xdist", "google_crc32c"]
 if sys.version_info < (3, 14):
     mods.append("backports.zstd")
 sys.exit(1 if any(importlib.util.find_spec(m) is None for m in mods) else 0)

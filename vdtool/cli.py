@@ -252,8 +252,8 @@ Exit status:
 def main(debug: bool) -> None:
     """vdtool: create, inspect, convert and maintain virtual disk images.
 
-    Formats: raw, qcow2, vdi, vmdk, vhd (also called vpc), qed, qcow and
-    parallels are read and written, alone and in chains that mix them; dmg,
+    Formats: raw, qcow2, vdi, vmdk, vhd (also called vpc), vhdx, qed, qcow
+    and parallels are read and written, alone and in chains that mix them; dmg,
     bochs and cloop are read.  An image may be '-' (standard input or
     output) or, to read, an http(s) URL.  Sizes are bytes or a number with a
     binary suffix (K M G T P E, also KiB, MiB ...): 512, 64K, 10G, 1.5T.  An input image's format is
