@@ -21,6 +21,7 @@ memory-limited worker to be of use, and atheris is not installed here."""
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import struct
@@ -547,7 +548,12 @@ def generate(tmp, seeds, rng: random.Random, flips: int, truncs: int, fields: bo
 
 def run_all(cases: list, batch: int = 400) -> int:
     for i in range(0, len(cases), batch):
-        th.assert_all_ok(th.run_in_worker(cases[i:i + batch]))
+        done = cases[i:i + batch]
+        th.assert_all_ok(th.run_in_worker(done))
+        for case in done:  # each case is a copy of its seed's folder: a run writes gigabytes otherwise
+            folder = os.path.dirname(case["path"])
+            if os.path.basename(folder).startswith("case-"):
+                shutil.rmtree(folder, ignore_errors=True)
     return len(cases)
 
 
