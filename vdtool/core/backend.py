@@ -386,6 +386,12 @@ class ImageBackend:
         status, n = self.block_status(offset, length)
         return MapExtent(status, n)
 
+    def check_range(self, offset: int, length: int) -> None:
+        """A write or zeroing of ``length`` bytes at ``offset`` must lie on the disk."""
+        size = self.virtual_size
+        if offset < 0 or length < 0 or offset + length > size:
+            raise VdError(f"range {offset}+{length} is outside the disk (virtual size {size})", self.path)
+
     def readinto(self, offset: int, buf) -> None:
         """Fill ``buf`` with the data at ``offset``; the range lies inside what
         block_status reported as DATA or ZERO (UNALLOCATED reads as zeros)."""

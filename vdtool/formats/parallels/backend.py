@@ -9,7 +9,7 @@ from typing import Optional
 
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentSpec, Status
 from vdtool.core.bytesutil import zeros
-from vdtool.core.errors import UsageError, VdError
+from vdtool.core.errors import UsageError
 from vdtool.core.fileio import ImageFile, create_file
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.formats.parallels.create import new_header, write_image
@@ -165,14 +165,9 @@ class ParallelsBackend(ImageBackend):
             pos += k
 
     # == writing ===================================================================================
-    def _check_range(self, offset: int, length: int) -> None:
-        size = self.state.virtual_size
-        if offset < 0 or length < 0 or offset + length > size:
-            raise VdError(f"range {offset}+{length} is outside the disk (virtual size {size})", self.path)
-
     def write(self, offset: int, data) -> None:
         mv = memoryview(data).cast("B")
-        self._check_range(offset, len(mv))
+        self.check_range(offset, len(mv))
         if not len(mv):
             return
         st = self.state
@@ -205,7 +200,7 @@ class ParallelsBackend(ImageBackend):
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = True) -> None:
         """Whole clusters are released (they read as zeros unallocated);
         parts of allocated ones are zeroed in place."""
-        self._check_range(offset, length)
+        self.check_range(offset, length)
         if not length:
             return
         st = self.state

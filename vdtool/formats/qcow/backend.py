@@ -7,7 +7,6 @@ import os
 from typing import Optional
 
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentRef, ParentSpec, Status
-from vdtool.core.errors import VdError
 from vdtool.core.fileio import ImageFile, create_file
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.formats.qcow import clusters
@@ -111,19 +110,14 @@ class QcowBackend(ImageBackend):
     def readinto(self, offset: int, buf) -> None:
         clusters.readinto(self.st, offset, buf)
 
-    def _check_range(self, offset: int, length: int) -> None:
-        size = self.st.virtual_size
-        if offset < 0 or length < 0 or offset + length > size:
-            raise VdError(f"range {offset}+{length} is outside the disk (virtual size {size})", self.path)
-
     def write(self, offset: int, data) -> None:
         mv = memoryview(data).cast("B")
-        self._check_range(offset, len(mv))
+        self.check_range(offset, len(mv))
         if len(mv):
             clusters.write(self.st, offset, mv, self.parent_read)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = True) -> None:
-        self._check_range(offset, length)
+        self.check_range(offset, length)
         if length:
             clusters.write_zeroes(self.st, offset, length, self.parent_read)
 
@@ -134,7 +128,7 @@ class QcowBackend(ImageBackend):
         return clusters.compress(cs, data)
 
     def write_compressed_block(self, offset: int, compressed: Optional[bytes], data) -> None:
-        self._check_range(offset, len(data))
+        self.check_range(offset, len(data))
         clusters.write_compressed(self.st, offset, compressed, data)
 
     def flush(self) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Optional
 
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentRef, ParentSpec, Status
-from vdtool.core.errors import VdError
 from vdtool.core.fileio import ImageFile, create_file
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.formats.qed import clusters
@@ -120,19 +119,14 @@ class QedBackend(ImageBackend):
     def readinto(self, offset: int, buf) -> None:
         clusters.readinto(self.st, offset, buf)
 
-    def _check_range(self, offset: int, length: int) -> None:
-        size = self.st.virtual_size
-        if offset < 0 or length < 0 or offset + length > size:
-            raise VdError(f"range {offset}+{length} is outside the disk (virtual size {size})", self.path)
-
     def write(self, offset: int, data) -> None:
         mv = memoryview(data).cast("B")
-        self._check_range(offset, len(mv))
+        self.check_range(offset, len(mv))
         if len(mv):
             clusters.write(self.st, offset, mv, self.parent_read)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = True) -> None:
-        self._check_range(offset, length)
+        self.check_range(offset, length)
         if length:
             clusters.write_zeroes(self.st, offset, length, self.parent_read, unmap)
 

@@ -10,7 +10,6 @@ from typing import Optional
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentRef, ParentSpec, Status
 from vdtool.core.extents import flat_extent
 from vdtool.core.bytesutil import zeros
-from vdtool.core.errors import VdError
 from vdtool.core.fileio import ImageFile, create_file
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.formats.vdi import check as check_mod
@@ -217,14 +216,9 @@ class VdiBackend(ImageBackend):
     def change_identity(self) -> None:
         renew_modification_uuid(self.state)
 
-    def _check_range(self, offset: int, length: int) -> None:
-        size = self.state.virtual_size
-        if offset < 0 or length < 0 or offset + length > size:
-            raise VdError(f"range {offset}+{length} is outside the disk (virtual size {size})", self.path)
-
     def write(self, offset: int, data) -> None:
         mv = memoryview(data).cast("B")
-        self._check_range(offset, len(mv))
+        self.check_range(offset, len(mv))
         if not len(mv):
             return
         st = self.state
@@ -262,7 +256,7 @@ class VdiBackend(ImageBackend):
         return block
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = True) -> None:
-        self._check_range(offset, length)
+        self.check_range(offset, length)
         if not length:
             return
         st = self.state

@@ -19,7 +19,7 @@ import struct
 from typing import Optional
 
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentRef, ParentSpec
-from vdtool.core.errors import CorruptImageError, NotSupported, ReadOnlyError, UsageError, VdError
+from vdtool.core.errors import CorruptImageError, NotSupported, ReadOnlyError, UsageError
 from vdtool.core.fileio import ImageFile, create_file
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.formats.vhdx import bat
@@ -159,20 +159,15 @@ class VhdxBackend(ImageBackend):
         if not self.writable:
             raise ReadOnlyError("image is opened read-only", self.path)
 
-    def _check_range(self, offset: int, length: int) -> None:
-        size = self.state.size
-        if offset < 0 or length < 0 or offset + length > size:
-            raise VdError(f"range {offset}+{length} is outside the disk (virtual size {size})", self.path)
-
     def write(self, offset: int, data) -> None:
         self._require_writable()
         mv = memoryview(data).cast("B")
-        self._check_range(offset, len(mv))
+        self.check_range(offset, len(mv))
         bat.write(self.state, offset, mv, self.bitmaps, self.parent_read)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = True) -> None:
         self._require_writable()
-        self._check_range(offset, length)
+        self.check_range(offset, length)
         bat.write_zeroes(self.state, offset, length, unmap, self.bitmaps, self.parent_read)
 
     def flush(self) -> None:
