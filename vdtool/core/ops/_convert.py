@@ -11,7 +11,8 @@ from vdtool.core.copy import copy_stack
 from vdtool.core.digest import ContentDigest, digest_stack
 from vdtool.core.errors import NotSupported, UsageError, VdError
 from vdtool.core.fileio import deferred_sync
-from vdtool.core.ops.common import (backend_for_new_image, open_parent, output_format, parent_spec,
+from vdtool.core import registry
+from vdtool.core.ops.common import (STAGE_PREFIX, backend_for_new_image, open_parent, output_format, parent_spec,
                                     same_file, stack_over, staged_output, sweep_stale_stages)
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.core.sinks import (STDOUT_NAME, StreamTarget, describe, open_target, refuse_terminal_stdout,
@@ -126,7 +127,6 @@ def _open_source(src: str, fmt: Optional[str], size: Optional[int], raw_out: boo
     size is known ahead (``--size``) or the output is raw on a stream too;
     everything else from standard input is read into a temporary file."""
     if src == STDIN_NAME:
-        from vdtool.core import registry
         from vdtool.core.rawinput import RawInput
         from vdtool.core.streams import stdin
 
@@ -309,6 +309,14 @@ def _fits(target, size: int) -> None:
                       target.name)
 
 
+def _scratch_folder():
+    """A private folder in TMPDIR for an image on its way into a target,
+    named like a staging folder so that one a killed vdtool left is swept."""
+    import tempfile
+
+    return tempfile.TemporaryDirectory(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=tempfile.gettempdir())
+
+
 def _image_into_target(source, target, kind: str, new: _NewImage, target_is_zero: bool,
                        progress: Progress) -> ConvertResult:
     import tempfile
@@ -326,12 +334,10 @@ def _image_into_target(source, target, kind: str, new: _NewImage, target_is_zero
 def _appended_into_target(source, target, new: _NewImage, progress: Progress) -> ConvertResult:
     """A variant whose writer only appends (streamOptimized) writes straight
     into the target as it goes."""
-    import tempfile
-
     from vdtool.core.fileio import files_in_folder_as
     from vdtool.core.layout_ahead import append_class
 
-    with tempfile.TemporaryDirectory(prefix=f".vdtool-{os.getpid()}-", dir=tempfile.gettempdir()) as folder:
+    with _scratch_folder() as folder:
         path = os.path.join(folder, _inner_name(source, target, new))
         with files_in_folder_as(folder, append_class(target)):
             inner = _convert_to_new_file(source, path, new, verify=False, force=False, sync=False,
@@ -354,13 +360,11 @@ def _planned_into_target(source, target, new: _NewImage, target_is_zero: bool,
     """The image made in a shadow that keeps its tables and notes where its
     data goes, then sent with the data read again (layout_ahead.py); None
     when the format's writer read data back (then it is spooled instead)."""
-    import tempfile
-
     from vdtool.core.fileio import files_in_folder_as
     from vdtool.core.layout_ahead import DataMap, NotPlannable, Recording, emit, shadow_class
 
     data_map = DataMap()
-    with tempfile.TemporaryDirectory(prefix=f".vdtool-{os.getpid()}-", dir=tempfile.gettempdir()) as folder:
+    with _scratch_folder() as folder:
         path = os.path.join(folder, _inner_name(source, target, new))
         try:
             with files_in_folder_as(folder, shadow_class(data_map)):
@@ -399,7 +403,7 @@ def _spooled_into_target(source, target, new: _NewImage, target_is_zero: bool,
     tmpdir = tempfile.gettempdir()
     notice(f"{describe(target.name)}: writing the {new.name} image into a temporary file in {tmpdir} first "
            f"(its tables come before its data)")
-    with tempfile.TemporaryDirectory(prefix=f".vdtool-{os.getpid()}-", dir=tmpdir) as folder:
+    with _scratch_folder() as folder:
         path = os.path.join(folder, _inner_name(source, target, new))
         inner = _convert_to_new_file(source, path, new, verify=False, force=False, sync=False,
                                      open_args={}, progress=progress.sub(0, 70))
@@ -478,7 +482,7 @@ def _convert_into_existing(src: str, dst: str, kind: Optional[str], *, src_forma
         raise UsageError("-n writes into an existing image; standard output is not one")
     if compress or parent or verify:
         raise UsageError("-n cannot be combined with -c, -b or --verify")
-    name = registry_name(fmt) if fmt else None
+    name = registry.canonical_name(fmt) if fmt else None
     if kind is not None and (name in (None, "raw")):
         # a device or pipe holding raw content: written in place as it is
         new = _NewImage(backend_for_new_image(dst, "raw", None), "raw", None, None, {}, False, None, None)
@@ -509,9 +513,3 @@ def _convert_into_existing(src: str, dst: str, kind: Optional[str], *, src_forma
         source.close()
     progress.finish(need)
     return ConvertResult(dst, out.top.name, need, written_bytes=stats.written_bytes)
-
-
-def registry_name(fmt: str) -> str:
-    from vdtool.core import registry
-
-    return registry.canonical_name(fmt)
