@@ -112,6 +112,36 @@ def test_stdout_equals_the_file_and_passes_the_peers(tmp_path, src, fmt, variant
     assert not [n for n in os.listdir(tmp_path / "b") if n.startswith(".vdtool-")]
 
 
+@pytest.mark.parametrize("source", ["raw", "qcow2", "overlay", "vdi", "vhd", "vmdk", "streamOptimized"])
+def test_raw_to_a_pipe_is_the_disk_whether_sent_by_the_kernel_or_read(tmp_path, src, source):
+    """A pipe takes every byte, so raw output sends the source's plain data
+    runs by sendfile (a qcow2 over a parent: from both files) and reads the
+    rest (compressed grains); an O_APPEND output (>>), which sendfile
+    refuses, gets the same bytes by read and write."""
+    expect = tmp_path / "expect.raw"
+    peers.qemu_img("convert", "-O", "raw", str(src), str(expect))
+    if source == "raw":
+        name = "expect.raw"
+    elif source == "overlay":
+        peers.qemu_img("create", "-q", "-f", "qcow2", "-b", "src.qcow2", "-F", "qcow2", str(tmp_path / "top.qcow2"))
+        peers.qemu_io(tmp_path / "top.qcow2", "write -P 0x11 2M 1M", "write -z 20M 64k")
+        peers.qemu_img("convert", "-O", "raw", str(tmp_path / "top.qcow2"), str(expect))
+        name = "top.qcow2"
+    else:
+        qfmt = {"vhd": "vpc", "streamOptimized": "vmdk"}.get(source, source)
+        opts = ["-o", "subformat=streamOptimized"] if source == "streamOptimized" else []
+        name = f"in.{qfmt}"
+        peers.qemu_img("convert", "-O", qfmt, *opts, str(src), str(tmp_path / name))
+    if source not in ("raw", "overlay"):  # VHD's size is rounded to its geometry
+        peers.qemu_img("convert", "-O", "raw", str(tmp_path / name), str(expect))
+    want = expect.read_bytes()
+    sh(f"{VD} convert -O raw {name} - | cat > piped.raw", cwd=tmp_path)
+    assert (tmp_path / "piped.raw").read_bytes() == want
+    (tmp_path / "appended.raw").write_bytes(b"")
+    sh(f"{VD} convert -O raw {name} - >> appended.raw", cwd=tmp_path)
+    assert (tmp_path / "appended.raw").read_bytes() == want
+
+
 def test_stdout_to_a_file_stays_sparse_and_raw_streams_in_bounded_memory(tmp_path, src):
     r = sh(f"{VD} convert -O raw src.qcow2 - > out.img", cwd=tmp_path)
     assert r.stdout == b""  # nothing but the image on standard output

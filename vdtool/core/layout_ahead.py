@@ -189,24 +189,40 @@ def emit(shadow_fd: int, total: int, data_map: DataMap, source, target, deliver_
     """Send the planned image into ``target``: stored bytes and holes from
     the shadow (``deliver_range(fd, start, end)``), noted ranges read again
     from ``source`` (a stack)."""
-    buf = bytearray(4 << 20)
+    buf = bytearray(1 << 20)
     pos = 0
     for host, n, voff in data_map.ranges:
         if host > pos:
             deliver_range(shadow_fd, pos, min(host, total))
         done = 0
-        while done < n:
-            k = min(len(buf), n - done)
-            view = memoryview(buf)[:k]
-            source.readinto(voff + done, view)
-            target.write_at(host + done, view)
-            done += k
+        for fd, src_off, m in _source_runs(source, voff, n, len(buf)):
+            end = done + m
+            if fd is not None:  # the kernel copies it (into a pipe: no copy at all)
+                done += target.send_file(fd, src_off, host + done, m)
+            while done < end:  # or this reads and writes it
+                view = memoryview(buf)[:min(len(buf), end - done)]
+                source.readinto(voff + done, view)
+                target.write_at(host + done, view)
+                done += len(view)
             progress.update(host + done, total)
         pos = host + n
     if pos < total:
         deliver_range(shadow_fd, pos, total)
     if pos > total:
         raise VdError(f"internal error: planned data ends at {pos}, past the image's end {total}", target.name)
+
+
+def _source_runs(source, offset: int, length: int, piece: int):
+    """source.file_runs where the source can tell (a stack), in pieces of at
+    most ``piece`` bytes where it cannot."""
+    if hasattr(source, "file_runs"):
+        big = 64 * piece  # progress is reported between pieces
+        for _, fd, src_off, n in source.file_runs(offset, length):
+            for done in range(0, n, big):
+                yield fd, None if fd is None else src_off + done, min(big, n - done)
+        return
+    for done in range(0, length, piece):
+        yield None, None, min(piece, length - done)
 
 
 class AppendFile:

@@ -23,6 +23,10 @@ from vdtool.core.progress import blocking_output
 
 STDOUT_NAME = "-"
 _PIECE = 1 << 20
+_SEND_PIECE = 8 << 20  # per sendfile call: a stop signal is seen between calls
+# sendfile cannot serve this pair of files (an O_APPEND output, an old kernel,
+# a file system without splice): the caller reads and writes instead
+_NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EXDEV}
 
 
 def target_kind(path: str) -> Optional[str]:
@@ -56,6 +60,10 @@ class _Target:
         where = describe(self.name)
         return VdError(f"{what} failed after {self.written} bytes: {e.strerror or e}", where)
 
+    def send_file(self, src_fd: int, src_offset: int, offset: int, length: int) -> int:
+        """Bytes of a file copied by the kernel; 0: the caller writes them."""
+        return 0
+
     def sync(self) -> None:
         try:
             os.fsync(self.fd)
@@ -88,6 +96,7 @@ class StreamTarget(_Target):
         self.sparse = stat.S_ISREG(st.st_mode) and not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND
         self.start = os.lseek(fd, 0, os.SEEK_CUR) if self.sparse else 0
         self._skipped = False  # the file ends in a hole not yet made real
+        self._no_sendfile = False  # set once the kernel refused a sendfile into this output
 
     def write_at(self, offset: int, data) -> None:
         if offset < self.written:
@@ -105,6 +114,37 @@ class StreamTarget(_Target):
         except OSError as e:
             raise self.fail(e) from None
         self._skipped = False
+
+    def send_file(self, src_fd: int, src_offset: int, offset: int, length: int) -> int:
+        """``length`` bytes of the file ``src_fd`` from ``src_offset`` as the
+        image's bytes at ``offset``, copied by the kernel (sendfile: into a
+        pipe it passes page references, nothing is copied).  Returns how many
+        were sent: fewer where the file ends early, 0 where the kernel cannot
+        (then the caller reads and writes them)."""
+        if self._no_sendfile or length <= 0:
+            return 0
+        if offset < self.written:
+            raise VdError(f"internal error: stream write at {offset} behind position {self.written}",
+                          describe(self.name))
+        if offset > self.written:
+            self.zero(self.written, offset - self.written)
+        done = 0
+        try:
+            with blocking_output():
+                while done < length:
+                    n = os.sendfile(self.fd, src_fd, src_offset + done, min(length - done, _SEND_PIECE))
+                    if n <= 0:
+                        break  # the file ends here
+                    done += n
+                    self.written = offset + done
+        except OSError as e:
+            if done == 0 and e.errno in _NO_SENDFILE:
+                self._no_sendfile = True
+                return 0
+            raise self.fail(e) from None
+        if done:
+            self._skipped = False
+        return done
 
     def zero(self, offset: int, length: int) -> None:
         """Zeros from ``offset`` (the current position) for ``length`` bytes."""

@@ -14,10 +14,19 @@ from typing import Optional
 from vdtool.core import locate
 from vdtool.core.backend import ImageBackend, ParentRef, Status
 from vdtool.core.errors import ChainError, VdError
-from vdtool.core.fileio import is_url
+from vdtool.core.fileio import ImageFile, is_url
 
 MAX_CHAIN_DEPTH = 64
 _ZERO_CHUNK = bytes(1 << 20)
+
+
+def _plain_fd(layer) -> Optional[int]:
+    """The descriptor of ``layer``'s own local file (its data stored as
+    is), or None: a remote file, or an image whose data lives elsewhere."""
+    f = getattr(layer, "file", None)
+    if type(f) is not ImageFile or f.path != layer.path:
+        return None
+    return f.fd
 
 
 class ImageStack:
@@ -103,6 +112,28 @@ class ImageStack:
                 self.layers[level].readinto(offset + pos, buf[pos:pos + n])
             else:
                 buf[pos:pos + n] = _zeros(n)
+            pos += n
+
+    def file_runs(self, offset: int, length: int):
+        """Where the bytes of [offset, offset + length) lie, for copies the
+        kernel can make without them passing through vdtool (sendfile):
+        ``(is_data, fd, host offset, n)`` runs in order; ``fd`` is None for a
+        run that reads as zeros (``is_data`` False) or must be read through
+        the layers (compressed data, a remote file, another file)."""
+        pos, end = offset, offset + length
+        while pos < end:
+            status, n, level = self.block_status(pos, end - pos)
+            fd = host = None
+            if status == Status.DATA and level >= 0:
+                layer = self.layers[level]
+                ext = layer.map_extent(pos, n)
+                n = max(1, min(n, ext.length))
+                if (ext.status == Status.DATA and ext.offset is not None and not ext.compressed
+                        and not ext.zero and ext.file is None):
+                    fd, host = _plain_fd(layer), ext.offset
+            elif status == Status.DATA:
+                status = Status.ZERO  # no layer holds it
+            yield (status == Status.DATA, fd, host if fd is not None else None, n)
             pos += n
 
     def readinto(self, offset: int, buf) -> None:

@@ -271,12 +271,44 @@ def _raw_into_target(source, target, kind: str, target_is_zero: bool, progress: 
         return _pump_raw(source, target, progress)
     size = source.virtual_size
     _fits(target, size)
-    stats = copy_stack(source, _OneLayer(_TargetTop(target, size)), mark_zeros=not target_is_zero,
-                       progress=progress)
+    if isinstance(target, StreamTarget) and not target.sparse and hasattr(source, "file_runs"):
+        written = _send_raw(source, target, size, progress)
+    else:
+        written = copy_stack(source, _OneLayer(_TargetTop(target, size)), mark_zeros=not target_is_zero,
+                             progress=progress).written_bytes
     _input_ended(source)
     target.finish(size)
     progress.finish(size)
-    return ConvertResult(target.name, "raw", size, written_bytes=stats.written_bytes)
+    return ConvertResult(target.name, "raw", size, written_bytes=written)
+
+
+def _send_raw(source, target, size: int, progress: Progress) -> int:
+    """Raw disk bytes into a pipe (or character device), where every byte
+    goes down it: testing for zeros buys nothing there, so runs the source
+    stores as is in a local file go by sendfile (page references into the
+    pipe, no copy), zeros from a zero buffer, the rest is read and written."""
+    buf = bytearray(1 << 20)
+    piece = 64 << 20  # progress is reported between pieces
+    written = pos = 0
+    for is_data, fd, host, n in source.file_runs(0, size):
+        start, end = pos, pos + n
+        if not is_data:
+            target.zero(pos, n)
+            pos = end
+        while pos < end:
+            m = min(piece, end - pos)
+            sent = target.send_file(fd, host + pos - start, pos, m) if fd is not None else 0
+            if sent:
+                m = sent  # all of it, or up to where the file ends (the rest is read below)
+            else:
+                m = min(len(buf), m)
+                view = memoryview(buf)[:m]
+                source.readinto(pos, view)
+                target.write_at(pos, view)
+            written += m
+            pos += m
+            progress.update(pos, size)
+    return written
 
 
 def _pump_raw(source, target, progress: Progress) -> ConvertResult:
@@ -462,10 +494,13 @@ def _deliver_range(fd: int, pos: int, total: int, target, mark_holes: bool, prog
         except OSError:
             hole_at = total
         while pos < hole_at:
-            n = os.preadv(fd, [memoryview(buf)[:min(len(buf), hole_at - pos)]], pos)
+            want = min(64 << 20, hole_at - pos)
+            n = target.send_file(fd, pos, pos, want)  # the kernel copies (0: it cannot here)
             if n <= 0:
-                raise VdError(f"temporary image ended early at {pos} bytes", target.name)
-            target.write_at(pos, memoryview(buf)[:n])
+                n = os.preadv(fd, [memoryview(buf)[:min(len(buf), want)]], pos)
+                if n <= 0:
+                    raise VdError(f"temporary image ended early at {pos} bytes", target.name)
+                target.write_at(pos, memoryview(buf)[:n])
             pos += n
             progress.update(pos, total)
 
