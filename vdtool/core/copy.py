@@ -4,8 +4,8 @@ It walks extents from block_status (never byte by byte), reads DATA runs into
 one reused buffer, tests each destination block for zeros with a C-level
 compare (bytearray.startswith against a zero block: memcmp, no copy), and
 writes runs of non-zero blocks with one call.  Compression, where the
-destination offers it, runs in a thread pool (zlib releases the GIL) and is
-written in order."""
+destination offers it, runs in a thread pool (ISA-L, zlib and zstd release
+the GIL: vdtool.core.deflate) and is written in order."""
 
 from __future__ import annotations
 
@@ -125,18 +125,24 @@ class _Copier:
 
     def run(self) -> None:
         if self.base is None and self.size > self.chunk:
-            # Reads go ahead in a second thread while this one tests and
-            # writes (preadv and pwrite let go of the GIL, so on two cores
-            # the copy takes the longer of the two, not their sum).  With a
-            # base the writer reads the base too, so that stays serial.
-            _pipelined(self.src, self.size, self.block, self.chunk, self.buf, self.consume)
+            # Reads go ahead in a second thread while this one writes
+            # (preadv and pwrite let go of the GIL, so on two cores the copy
+            # takes the longer of the two, not their sum).  The reader also
+            # finds the zero blocks, while the piece is in its core's cache,
+            # which evens out the two threads' work.  With a base the writer
+            # reads the base too, so that stays serial.
+            test = None if self.write_zeros else self._zero_test
+            _pipelined(self.src, self.size, self.block, self.chunk, self.buf, self.consume, test)
             return
         for pos, n, is_data in _extents(self.src, self.size, self.block, self.chunk):
             if is_data:
                 self.src.readinto(pos, memoryview(self.buf)[:n])
             self.consume(pos, n, self.buf if is_data else None)
 
-    def consume(self, pos: int, n: int, data) -> None:
+    def _zero_test(self, buf, n: int) -> list:
+        return data_runs(buf, n, self.block, self.zero_view)
+
+    def consume(self, pos: int, n: int, data, runs=None) -> None:
         """The ``n`` bytes at ``pos``: ``data`` (a buffer) or None for a run
         that reads as zeros."""
         if data is not None:
@@ -146,7 +152,7 @@ class _Copier:
                 _read_clipped(self.base, pos, memoryview(self.base_buf)[:n])
                 self._emit_over_base(data, pos, n)
             else:
-                self._emit(data, pos, n)
+                self._emit(data, pos, n, runs)
             self.stats.data_bytes += n
         else:
             if self.digest is not None:
@@ -158,11 +164,12 @@ class _Copier:
                 self.top.write_zeroes(pos, n, unmap=False)
         self.progress.update(pos + n, self.size)
 
-    def _emit(self, buf: bytearray, off: int, n: int) -> None:
+    def _emit(self, buf: bytearray, off: int, n: int, runs=None) -> None:
         """Write the blocks of buf[:n] (disk offset ``off``) that are not
         all zeros (all of them for a preallocated output)."""
         view = memoryview(buf)
-        runs = ((0, n),) if self.write_zeros else data_runs(buf, n, self.block, self.zero_view)
+        if runs is None:
+            runs = ((0, n),) if self.write_zeros else data_runs(buf, n, self.block, self.zero_view)
         if self.compressed is None:
             done = 0
             for a, b in runs:
@@ -255,7 +262,7 @@ def _extents(src, size: int, block: int, chunk: int):
 _BUFFERS = 3  # one being read, one being written, one ready
 
 
-def _pipelined(src, size: int, block: int, chunk: int, first: bytearray, consume) -> None:
+def _pipelined(src, size: int, block: int, chunk: int, first: bytearray, consume, test=None) -> None:
     """Run _extents and the reads in a reader thread, ``consume`` here, with
     a few buffers passed back and forth (memory stays bounded)."""
     import queue
@@ -272,13 +279,15 @@ def _pipelined(src, size: int, block: int, chunk: int, first: bytearray, consume
     def reader():
         try:
             for pos, n, is_data in _extents(src, size, block, chunk):
-                buf = None
+                buf = runs = None
                 if is_data:
                     buf = free.get()
                     if stop.is_set():
                         return
                     src.readinto(pos, memoryview(buf)[:n])
-                ready.put((pos, n, buf))
+                    if test is not None:
+                        runs = test(buf, n)
+                ready.put((pos, n, buf, runs))
                 if stop.is_set():
                     return
             ready.put(done)
@@ -294,8 +303,8 @@ def _pipelined(src, size: int, block: int, chunk: int, first: bytearray, consume
                 break
             if isinstance(item, BaseException):
                 raise item
-            pos, n, buf = item
-            consume(pos, n, buf)
+            pos, n, buf, runs = item
+            consume(pos, n, buf, runs)
             if buf is not None:
                 free.put(buf)
     finally:
