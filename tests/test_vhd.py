@@ -707,3 +707,19 @@ def test_random_truncations_and_flips(tmp_path):
             ops.check(str(p), fmt="vhd")
         except VdError:
             pass
+
+
+@pytest.mark.parametrize("fmt,qfmt", [("vhd", "vpc"), ("vhdx", "vhdx")])
+def test_convert_leaves_the_zero_part_of_a_half_filled_block_unwritten(tmp_path, fmt, qfmt):
+    """Per 2 MiB block, 1 MiB of data and 1 MiB of written zeros: the new
+    image holds the data, not the zeros (qemu-img leaves them too); the
+    blocks' unwritten halves read as zeros for qemu-img and vdtool."""
+    src = tmp_path / "half.raw"
+    with open(src, "wb") as f:
+        for i in range(16):
+            f.write(os.urandom(1 << 20) if i % 2 == 0 else bytes(1 << 20))
+    out = tmp_path / f"half.{fmt}"
+    cli("convert", "-q", "-O", fmt, str(src), str(out))
+    assert os.stat(out).st_blocks * 512 < (8 << 20) + (4 << 20)  # the data and metadata, not 16 MiB
+    peers.qemu_img("compare", "-f", qfmt, "-F", "raw", str(out), str(src))
+    assert read_all(str(out)) == src.read_bytes()

@@ -242,6 +242,11 @@ class ImageBackend:
     # and a format only, and takes ``create -u`` (the parent need not exist).
     parent_identity: ClassVar[bool] = True
     options: ClassVar[tuple] = ()  # FormatOption, for -o
+    # Where a block is big and a write into a new one leaves the rest as a
+    # hole that reads as zeros (VHD, VHDX), a copy need not write the zero
+    # parts of a block: it tests and skips zeros in pieces of this size.
+    # 0: the block (a format that fills a new block whole, or compresses it).
+    sparse_grain: ClassVar[int] = 0
     amend_options: ClassVar[tuple] = ()  # FormatOption, for amend -o (what can change in place)
 
     def __init__(self, file):

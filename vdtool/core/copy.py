@@ -112,6 +112,12 @@ class _Copier:
         self.src, self.top, self.base = src, top, base
         self.size = src.virtual_size
         self.block = max(top.block_size, 512)
+        grain = getattr(top, "sparse_grain", 0)
+        if grain and chunk == CHUNK and grain < self.block:
+            # zeros are tested and skipped in grains: the block's unwritten
+            # rest reads as zeros (a 2 MiB VHD block half full of data was
+            # written whole, zeros and all)
+            self.block = grain
         self.chunk = _chunk_size(self.block, chunk)
         self.zero_view = memoryview(bytes(self.chunk))  # zeros to compare with, sliced without copying
         self.buf = bytearray(self.chunk)

@@ -23,6 +23,7 @@ from vdtool.core.progress import blocking_output
 
 STDOUT_NAME = "-"
 _PIECE = 1 << 20
+_PIPE_SIZE = 1 << 20
 _SEND_PIECE = 8 << 20  # per sendfile call: a stop signal is seen between calls
 # sendfile cannot serve this pair of files (an O_APPEND output, an old kernel,
 # a file system without splice): the caller reads and writes instead
@@ -43,6 +44,20 @@ def target_kind(path: str) -> Optional[str]:
     if stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode) or stat.S_ISSOCK(st.st_mode):
         return "stream"
     return None
+
+
+def _widen_pipe(fd: int) -> None:
+    """Ask for a 1 MiB pipe buffer (the most an unprivileged process may
+    have by default) instead of 64 KiB: a sixteenth of the calls and of the
+    hand-overs between vdtool and its reader.  Best effort: a pipe that
+    stays small works the same."""
+    import fcntl
+
+    try:
+        if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < _PIPE_SIZE:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    except (OSError, AttributeError):
+        pass
 
 
 def describe(path: str) -> str:
@@ -97,6 +112,8 @@ class StreamTarget(_Target):
         self.start = os.lseek(fd, 0, os.SEEK_CUR) if self.sparse else 0
         self._skipped = False  # the file ends in a hole not yet made real
         self._no_sendfile = False  # set once the kernel refused a sendfile into this output
+        if stat.S_ISFIFO(st.st_mode):
+            _widen_pipe(fd)
 
     def write_at(self, offset: int, data) -> None:
         if offset < self.written:

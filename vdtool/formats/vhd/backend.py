@@ -62,6 +62,7 @@ class VhdBackend(ImageBackend):
     capabilities = (Cap.CREATE_DYNAMIC | Cap.CREATE_FIXED | Cap.DIFF | Cap.WRITE | Cap.DISCARD | Cap.COMPACT
                     | Cap.RESIZE | Cap.SHRINK | Cap.CHECK | Cap.REPAIR | Cap.UUID)
     variants = ("dynamic", "fixed")
+    sparse_grain = 64 << 10  # a new block's unwritten parts are holes that read as zeros
     options = (
         FormatOption("azure", bool, False,
                      "make an image Azure accepts: fixed, size rounded up to a whole MiB (needs --variant fixed)"),

@@ -36,6 +36,7 @@ class VhdxBackend(ImageBackend):
     capabilities = (Cap.CREATE_DYNAMIC | Cap.CREATE_FIXED | Cap.DIFF | Cap.WRITE | Cap.DISCARD | Cap.COMPACT
                     | Cap.RESIZE | Cap.SHRINK | Cap.CHECK | Cap.REPAIR | Cap.ZERO_MARKER)
     variants = ("dynamic", "fixed")
+    sparse_grain = 64 << 10  # a new block's unwritten parts are holes that read as zeros
     options = (
         FormatOption("logical_sector_size", int, 512, "logical sector size of the virtual disk: 512 or 4096"),
         FormatOption("physical_sector_size", int, 4096, "physical sector size the disk reports: 512 or 4096"),
