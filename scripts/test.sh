@@ -79,6 +79,9 @@ if sys.version_info < (3, 10):
 mods = ["click", "rich", "tqdm", "xxhash", "pytest", "hypothesis", "xdist", "google_crc32c"]
 if sys.version_info < (3, 14):
     mods.append("backports.zstd")
+import platform
+if platform.python_implementation() == "CPython" and platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+    mods.append("isal")
 sys.exit(1 if any(importlib.util.find_spec(m) is None for m in mods) else 0)
 PYEOF
 }

@@ -3,9 +3,8 @@ exactly one block (the last one inflated is cached: reads come in pieces)."""
 
 from __future__ import annotations
 
-import zlib
-
 from vdtool.core.backend import MapExtent, Status
+from vdtool.core import deflate
 from vdtool.formats.cloop.state import CloopState
 
 
@@ -25,15 +24,14 @@ def inflate(st: CloopState, n: int) -> bytes:
         return st.cache[1]
     start, end = st.offsets[n], st.offsets[n + 1]
     raw = st.file.pread_exact(start, end - start, f"cloop block {n}")
-    d = zlib.decompressobj()
     try:
-        out = d.decompress(raw, st.block)
-    except zlib.error as e:
+        out, _, ended = deflate.inflate(raw, st.block)
+    except deflate.DeflateError as e:
         raise st.corrupt(f"block {n} at offset {start} ({end - start} bytes) does not inflate: {e}") from None
     if len(out) != st.block:
         raise st.corrupt(f"block {n} at offset {start} ({end - start} bytes) inflates to {len(out)} bytes, not "
                          f"the block size {st.block}")
-    if not d.eof:
+    if not ended:
         raise st.corrupt(f"block {n} at offset {start} ({end - start} bytes): its zlib stream does not end "
                          f"after the block size {st.block}")
     st.cache = (n, out)

@@ -6,16 +6,16 @@ decodes to more or less is corrupt."""
 from __future__ import annotations
 
 import bz2
-import zlib
 
+from vdtool.core.deflate import DeflateError, inflate
 from vdtool.core.errors import CorruptImageError, UnsupportedFeature
 from vdtool.formats.dmg import adc
 from vdtool.formats.dmg.layout import ADC, BZIP2, LZFSE, RAW, ZLIB, type_name
 
 
 def _zlib(data: bytes, size: int) -> bytes:
-    d = zlib.decompressobj()
-    return d.decompress(data, size + 1)
+    got = inflate(data, size)
+    return got.data + b"\0" if got.more else got.data  # one byte over: decode() says "more than"
 
 
 def _bzip2(data: bytes, size: int) -> bytes:
@@ -48,7 +48,7 @@ def decode(kind: int, data: bytes, size: int, where: str, path: str) -> bytes:
         out = fn(data, size)
     except UnsupportedFeature as e:
         raise UnsupportedFeature(f"{where}: {e}", path) from None
-    except (zlib.error, OSError, EOFError, ValueError, MemoryError) as e:
+    except (DeflateError, OSError, EOFError, ValueError, MemoryError) as e:
         raise CorruptImageError(f"{where}: {type_name(kind)} data does not decode ({e})", path) from None
     if len(out) != size:
         got = f"more than {size}" if len(out) > size else str(len(out))

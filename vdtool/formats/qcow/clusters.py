@@ -7,11 +7,11 @@ compressed clusters for convert -c."""
 
 from __future__ import annotations
 
-import zlib
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from vdtool.core.backend import Status
 from vdtool.core.bytesutil import zeros
+from vdtool.core.deflate import DeflateError, deflate, inflate
 from vdtool.core.errors import CorruptImageError
 from vdtool.formats.qcow.layout import QCOW_OFLAG_COMPRESSED
 from vdtool.formats.qcow.state import QcowState
@@ -44,10 +44,9 @@ def decompress(st: QcowState, ci: int, e: int) -> bytes:
     if st.cache[0] == e:
         return st.cache[1]
     raw = st.file.pread(off, size)
-    d = zlib.decompressobj(WBITS)
     try:
-        out = d.decompress(raw, st.cs)
-    except zlib.error as ex:
+        out = inflate(raw, st.cs, WBITS).data
+    except DeflateError as ex:
         raise CorruptImageError(f"compressed cluster {ci} at offset {off} does not inflate: {ex}", st.path) from None
     if len(out) != st.cs:
         raise CorruptImageError(f"compressed cluster {ci} at offset {off} inflates to {len(out)} bytes, not "
@@ -157,15 +156,15 @@ def write_zeroes(st: QcowState, offset: int, length: int, parent_read: Callable)
         pos += n
 
 
-def compress(cs: int, data) -> Optional[bytes]:
-    """One cluster deflated as QEMU's qcow does (level default, raw deflate,
-    window 2^12, memLevel 9); None when it does not get smaller."""
-    c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, WBITS, 9)
-    out = c.compress(bytes(data)) + c.flush()
+def compress(cs: int, data, level: int | None = None) -> bytes | None:
+    """One cluster deflated as QEMU's qcow reads it (raw deflate, window
+    2^12; level: deflate 1-9, None for zlib's default 6, QEMU's);
+    None when it does not get smaller."""
+    out = deflate(data, level, WBITS)
     return out if len(out) < cs else None
 
 
-def write_compressed(st: QcowState, offset: int, packed: Optional[bytes], data) -> None:
+def write_compressed(st: QcowState, offset: int, packed: bytes | None, data) -> None:
     """A whole cluster: compressed at the end of the file, unaligned, right
     after what is there (as QEMU packs them); plain when ``packed`` is None."""
     cs = st.cs

@@ -26,8 +26,6 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentRef, ParentSpec, Status
 from vdtool.core.extents import flat_extent
 from vdtool.core.bytesutil import ceil_div
@@ -64,6 +62,9 @@ class Qcow2Backend(ImageBackend):
         FormatOption("compression_type", str, "zlib", "compression of compressed clusters: zlib, or zstd "
                                                       "(compat 1.1; needs the backports.zstd package before "
                                                       "Python 3.14)", ("zlib", "zstd")),
+        FormatOption("compression_level", int, None, "level of compressed clusters (-c): zlib 1-9 (default 6), "
+                                                     "zstd -131072 to 22 (default 3); a vdtool extra (qemu-img "
+                                                     "7.2 has none), used while writing, not stored"),
     )
     amend_options = (
         FormatOption("compat", str, None, "compatibility level: 0.10 (version 2) or 1.1 (version 3); going "
@@ -78,6 +79,7 @@ class Qcow2Backend(ImageBackend):
     def __init__(self, file: ImageFile):
         super().__init__(file)
         self.st = Qcow2State(file)
+        self.compression_level = None  # -o compression_level of create/convert: the codec's default
         self.refcounts = Refcounts(self.st)
         self.clusters = ClusterMap(self.st, self.refcounts)
         self.writer = Writer(self.st, self.refcounts, self.clusters, self._read_parent)
@@ -111,8 +113,8 @@ class Qcow2Backend(ImageBackend):
             st.set_incompat(st.incompat & ~INCOMPAT_DIRTY)
 
     @classmethod
-    def create(cls, path: str, size: int, *, variant: Optional[str] = None, block_size: Optional[int] = None,
-               parent: Optional[ParentSpec] = None, options: Optional[dict] = None,
+    def create(cls, path: str, size: int, *, variant: str | None = None, block_size: int | None = None,
+               parent: ParentSpec | None = None, options: dict | None = None,
                progress: Progress = NO_PROGRESS) -> "Qcow2Backend":
         variant = variant or "sparse"
         if variant not in cls.variants:
@@ -120,10 +122,12 @@ class Qcow2Backend(ImageBackend):
         # imported when used: `vdtool info` (its start-up budget) needs none of create, check, resize, compact
         from vdtool.formats.qcow2 import create
 
-        plan = create.Plan(size, create.create_options(cls.options, options, block_size), parent)
+        opts = create.create_options(cls.options, options, block_size)
+        plan = create.Plan(size, opts, parent)
         f = create_file(path)
         try:
             b = cls(f)
+            b.compression_level = opts["compression_level"]
             b.st.unsafe = (options or {}).get("cache") == "unsafe"
             create.lay_out(b.st, b.refcounts, b.clusters, plan, variant, progress)
         except BaseException:
@@ -132,8 +136,8 @@ class Qcow2Backend(ImageBackend):
         return b
 
     @classmethod
-    def measure(cls, size: int, source, *, variant: Optional[str] = None, block_size: Optional[int] = None,
-                options: Optional[dict] = None) -> dict:
+    def measure(cls, size: int, source, *, variant: str | None = None, block_size: int | None = None,
+                options: dict | None = None) -> dict:
         from vdtool.formats.qcow2 import create, measure
 
         options = dict(options or {})
@@ -143,7 +147,7 @@ class Qcow2Backend(ImageBackend):
         opts = create.create_options(cls.options, options, block_size)
         return measure.measure(size, source, opts, variant, options)
 
-    def persistent_bitmaps(self) -> Optional[list]:
+    def persistent_bitmaps(self) -> list | None:
         from vdtool.formats.qcow2 import measure
 
         return measure.read_bitmaps(self.st)
@@ -162,13 +166,13 @@ class Qcow2Backend(ImageBackend):
         return self.st.cs
 
     @property
-    def parent(self) -> Optional[ParentRef]:
+    def parent(self) -> ParentRef | None:
         if not self.st.backing_name:
             return None
         return ParentRef(filename=self.st.backing_name, format=self.st.backing_format)
 
     @property
-    def variant(self) -> Optional[str]:
+    def variant(self) -> str | None:
         return None
 
     def info(self) -> dict:
@@ -239,14 +243,14 @@ class Qcow2Backend(ImageBackend):
         image's compressor does not make it smaller)."""
         self.writer.write_precompressed(offset, self.compress_block(data), data)
 
-    def compress_block(self, data) -> Optional[bytes]:
+    def compress_block(self, data) -> bytes | None:
         """The copy engine's hook (runs in worker threads: pure, no I/O)."""
-        return compress_cluster(data, self.st.cs, self.st.compression_type, self.path)
+        return compress_cluster(data, self.st.cs, self.st.compression_type, self.path, self.compression_level)
 
-    def write_compressed_block(self, offset: int, compressed: Optional[bytes], data) -> None:
+    def write_compressed_block(self, offset: int, compressed: bytes | None, data) -> None:
         self.writer.write_precompressed(offset, compressed, data)
 
-    def write_precompressed(self, offset: int, compressed: Optional[bytes], raw_data) -> None:
+    def write_precompressed(self, offset: int, compressed: bytes | None, raw_data) -> None:
         self.writer.write_precompressed(offset, compressed, raw_data)
 
     def flush(self) -> None:
@@ -278,7 +282,7 @@ class Qcow2Backend(ImageBackend):
         resize.resize(self.st, self.refcounts, self.clusters, self.writer, new_size)
 
     @classmethod
-    def parse_amend_options(cls, pairs: dict, path: Optional[str] = None) -> dict:
+    def parse_amend_options(cls, pairs: dict, path: str | None = None) -> dict:
         from vdtool.core.errors import VdError
         from vdtool.formats.qcow2.amend import NOT_AMENDABLE
 
@@ -292,14 +296,14 @@ class Qcow2Backend(ImageBackend):
 
         return amend.run(self.st, self.refcounts, self.clusters, self, options, progress)
 
-    def set_parent(self, parent: Optional[ParentSpec]) -> None:
+    def set_parent(self, parent: ParentSpec | None) -> None:
         self.writer.begin()
         self.clusters.flush_metadata()
         name = parent.recorded_name if parent is not None else None
         fmt = qemu_driver_name(parent.format) if parent is not None and parent.format else None
         header.set_backing(self.st, name, fmt)
 
-    def _check(self, res: CheckResult, repair: Optional[str], progress: Progress) -> None:
+    def _check(self, res: CheckResult, repair: str | None, progress: Progress) -> None:
         if self.writable:
             self.clusters.flush_metadata()
         from vdtool.formats.qcow2 import check  # when used (start-up, see create)
@@ -312,7 +316,7 @@ class Qcow2Backend(ImageBackend):
 
         compact.run_compact(self.st, self.refcounts, self.clusters, progress)
 
-    def snapshot_list(self) -> Optional[list]:
+    def snapshot_list(self) -> list | None:
         return snapshot.info_list(self.st.snapshots)
 
     def snapshot_change(self, action: str, name: str) -> dict:

@@ -141,6 +141,33 @@ class ClusterMap:
         key = e & ~OFLAG_COPIED
         if st.ccache[0] == key:
             return st.ccache[1]
+        out = self._inflate_entry(e)
+        st.ccache = (key, out)
+        return out
+
+    def _fill_compressed(self, mv, pieces: list) -> None:
+        """Compressed clusters of one read, [(pos, inoff, length, entry)...]:
+        inflated on every core (the libraries let go of the GIL), then
+        copied into ``mv``."""
+        if len(pieces) == 1:
+            pos, inoff, n, e = pieces[0]
+            mv[pos:pos + n] = self.decompress(e)[inoff:inoff + n]
+            return
+        from vdtool.core import workers
+
+        self.st.meta_ranges()  # built once here, not raced for in the workers
+        step = max(1, workers.BATCH_BYTES >> self.st.cb)  # memory stays bounded for any read size
+        for i in range(0, len(pieces), step):
+            part = pieces[i:i + step]
+            outs = workers.parallel_map(self._inflate_entry, [p[3] for p in part])
+            for (pos, inoff, n, _), data in zip(part, outs):
+                mv[pos:pos + n] = data[inoff:inoff + n]
+        self.st.ccache = (pieces[-1][3] & ~OFLAG_COPIED, outs[-1])
+
+    def _inflate_entry(self, e: int) -> bytes:
+        """A compressed entry's cluster, checked and inflated (no cache, no
+        shared state: runs in worker threads)."""
+        st = self.st
         coff, csize = compressed_extent(e, st.cb)
         cs = st.cs
         if coff < cs or coff >= st.file_limit():
@@ -154,7 +181,6 @@ class ClusterMap:
         except DecompressError as ex:
             raise st.corrupt(f"compressed cluster at {coff:#x} ({csize} bytes, "
                              f"{COMPRESSION_NAMES[st.compression_type]}) {ex}") from None
-        st.ccache = (key, out)
         return out
 
     # -- status and reads ----------------------------------------------------------------
@@ -315,6 +341,7 @@ class ClusterMap:
         file = st.file
         check_data_cluster = st.check_data_cluster
         run_host = run_pos = run_len = 0
+        compressed = []  # (pos, inoff, length, entry): inflated together at the end
         pos = 0
         while pos < n:
             v = offset + pos
@@ -334,8 +361,7 @@ class ClusterMap:
                 e = tbl[idx * w]
                 host = 0
                 if e & OFLAG_COMPRESSED:
-                    data = self.decompress(e)
-                    mv[pos:pos + chunk] = data[inoff:inoff + chunk]
+                    compressed.append((pos, inoff, chunk, e))
                 elif w == 2:
                     host = self._read_ext_piece(mv, pos, v, chunk, e, tbl[2 * idx + 1])
                     if host < 0:  # handled piecewise (zeros or mixed)
@@ -359,6 +385,8 @@ class ClusterMap:
                 pos += chunk
         if run_len:
             file.readinto(run_host, mv[run_pos:run_pos + run_len])
+        if compressed:
+            self._fill_compressed(mv, compressed)
 
     def _read_ext_piece(self, mv, pos: int, v: int, chunk: int, e: int, bm: int) -> int:
         """Extended L2: one cluster's piece.  Returns the host offset when the

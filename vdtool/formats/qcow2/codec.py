@@ -1,7 +1,8 @@
 """Compressed cluster payloads: zlib (compression_type 0) and zstd (1), as
 qemu-img 7.2 writes and reads them.
 
-- zlib: raw deflate, 4 KiB window, memLevel 9, level 6.
+- zlib: raw deflate, 4 KiB window (QEMU inflates with window bits 12),
+  through vdtool.core.deflate (ISA-L where installed); level 6 by default.
 - zstd: the cluster compressed into one zstd frame with the library's
   default parameters (level 3, content size recorded, no checksum): what
   one ZSTD_compressStream2(..., ZSTD_e_end) call makes, which is what
@@ -11,24 +12,26 @@ qemu-img 7.2 writes and reads them.
 
 Both compressors get cluster_size - 1 bytes of room, as QEMU's do: output
 that does not fit is stored as a plain cluster.  The functions are pure and
-run in the copy engine's worker threads (both libraries drop the GIL)."""
+run in the copy engine's worker threads (the libraries drop the GIL).
+``compression_level`` is a vdtool extra (qemu-img 7.2 has none): deflate
+1-9 on zlib's scale, zstd its own range; not stored in the image."""
 
 from __future__ import annotations
 
-import zlib
-from typing import Optional
-
-from vdtool.core.errors import UnsupportedFeature
+from vdtool.core import deflate
+from vdtool.core.errors import UnsupportedFeature, UsageError
 from vdtool.formats.qcow2.layout import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
 # A cluster is at most 2 MiB: a frame asking for a bigger window than this
 # is not one qemu-img wrote, and refusing it caps the decoder's allocation.
 ZSTD_WINDOW_LOG_MAX = 22
+ZLIB_WBITS = -12  # raw deflate, 4 KiB window
+ZSTD_DEFAULT_LEVEL = 3
 
 _zstd = None
 
 
-def zstd_module(path: Optional[str] = None):
+def zstd_module(path: str | None = None):
     """The zstd binding: the standard library's (Python 3.14+) or the
     backports.zstd package, imported on first use."""
     global _zstd
@@ -47,18 +50,36 @@ def zstd_module(path: Optional[str] = None):
     return _zstd
 
 
+def check_level(value, ctype: int, path: str | None = None) -> int | None:
+    """The ``compression_level`` option checked for the compression type
+    (None: the codec's default); UsageError when out of range."""
+    if value is None:
+        return None
+    if ctype != COMPRESSION_ZSTD:
+        return deflate.check_level(value, "qcow2 option compression_level")
+    lo, hi = zstd_module(path).CompressionParameter.compression_level.bounds()
+    try:
+        level = int(value)
+    except (TypeError, ValueError):
+        level = None
+    if level is None or isinstance(value, bool) or not lo <= level <= hi:
+        raise UsageError(f"qcow2 option compression_level: invalid value {value!r}; zstd levels are {lo} "
+                         f"to {hi}")
+    return level
+
+
 def compress_cluster(data, cluster_size: int, ctype: int = COMPRESSION_ZLIB,
-                     path: Optional[str] = None) -> Optional[bytes]:
+                     path: str | None = None, level: int | None = None) -> bytes | None:
     """One guest cluster (a short last one is padded with zeros) compressed
     as QEMU stores it; None when that would not save space (``path``: the
-    image, named when the zstd binding is missing)."""
+    image, named when the zstd binding is missing; ``level``: None for the
+    codec's default)."""
     if len(data) < cluster_size:
         data = bytes(data) + bytes(cluster_size - len(data))
     if ctype == COMPRESSION_ZSTD:
-        out = zstd_module(path).compress(data)
+        out = zstd_module(path).compress(data, ZSTD_DEFAULT_LEVEL if level is None else level)
     else:
-        c = zlib.compressobj(6, zlib.DEFLATED, -12, 9)
-        out = c.compress(data) + c.flush()
+        out = deflate.deflate(data, level, ZLIB_WBITS)
     return out if len(out) < cluster_size else None
 
 
@@ -66,15 +87,15 @@ class DecompressError(ValueError):
     """A compressed cluster's bytes do not decode to one cluster."""
 
 
-def decompress_cluster(raw: bytes, cluster_size: int, ctype: int, path: Optional[str] = None) -> bytes:
+def decompress_cluster(raw: bytes, cluster_size: int, ctype: int, path: str | None = None) -> bytes:
     """The ``cluster_size`` bytes that ``raw`` (the sectors an L2 entry
     covers) decodes to; DecompressError when it does not (``path``: the
     image, named when the zstd binding is missing)."""
     if ctype == COMPRESSION_ZSTD:
         return _zstd_decompress(zstd_module(path), raw, cluster_size)
     try:
-        out = zlib.decompressobj(-12).decompress(raw, cluster_size)
-    except zlib.error as ex:
+        out = deflate.inflate(raw, cluster_size, ZLIB_WBITS).data
+    except deflate.DeflateError as ex:
         raise DecompressError(f"does not inflate: {ex}") from None
     if len(out) != cluster_size:
         raise DecompressError(f"inflates to {len(out)} bytes, not {cluster_size}")

@@ -5,14 +5,13 @@ preallocated, every L2 table and data cluster)."""
 from __future__ import annotations
 
 from array import array
-from typing import Optional
 
 from vdtool.core.bytesutil import be_bytes, ceil_div
 from vdtool.core.errors import UsageError
 from vdtool.core.progress import Progress
 from vdtool.core.registry import qemu_driver_name
 from vdtool.formats.qcow2.header import backing_name_bytes, set_geometry, whole_header
-from vdtool.formats.qcow2.codec import zstd_module
+from vdtool.formats.qcow2.codec import check_level, zstd_module
 from vdtool.formats.qcow2.layout import (ADDITIONAL_FIELDS, ADDITIONAL_FIELDS_V3, COMPAT_LAZY_REFCOUNTS,
                                          COMPRESSION_ZLIB, COMPRESSION_ZSTD, EXT_BACKING_FORMAT,
                                          EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, MAX_L1_ENTRIES,
@@ -24,7 +23,7 @@ from vdtool.formats.qcow2.layout import (ADDITIONAL_FIELDS, ADDITIONAL_FIELDS_V3
 _PASSED_THROUGH = ("preallocation", "backing_fmt", "backing_file", "cache")
 
 
-def create_options(declared: tuple, options: Optional[dict], block_size: Optional[int]) -> dict:
+def create_options(declared: tuple, options: dict | None, block_size: int | None) -> dict:
     """The -o options of create (``declared``: the backend's FormatOptions),
     typed and checked against each other."""
     known = {o.name: o for o in declared}
@@ -73,6 +72,8 @@ def _check_combinations(opts: dict, compat: str, cs: int) -> None:
         raise UsageError(f"qcow2 option compression_type: invalid value {ctype!r}; choose from zlib, zstd")
     if ctype != "zlib" and compat == "0.10":
         raise UsageError("qcow2 compression_type other than zlib needs compat 1.1")
+    opts["compression_level"] = check_level(opts.get("compression_level"),
+                                            COMPRESSION_ZSTD if ctype == "zstd" else COMPRESSION_ZLIB)
 
 
 class Plan:

@@ -9,7 +9,7 @@ allocated, the rest copied from what the image showed)."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from vdtool.core.backend import Status
 from vdtool.core.bytesutil import ceil_div, zeros
@@ -317,14 +317,16 @@ class Writer:
         return (OFLAG_ZERO, 0)
 
     # -- compressed clusters -----------------------------------------------------------
-    def write_precompressed(self, offset: int, compressed: Optional[bytes], raw_data) -> None:
+    def write_precompressed(self, offset: int, compressed: bytes | None, raw_data) -> None:
         """One whole guest cluster, given compressed (stored plain when
         ``compressed`` is None)."""
         self.begin()
         st = self.st
         cs = st.cs
         n = len(raw_data)
-        if offset % cs or not (n == cs or (n < cs and offset + n == st.size)):
+        # the last cluster may be short, and shorter still than the disk's
+        # end when the source's size is not whole sectors (qcow2 rounds up)
+        if offset % cs or not (n == cs or (n < cs and offset + n <= st.size <= offset + cs)):
             raise VdError(f"a compressed write must cover one whole cluster ({cs} bytes at a multiple of {cs}, "
                           f"or the short last one); got {n} bytes at {offset}", st.path)
         self.check_range(offset, n)

@@ -20,7 +20,6 @@ Choices worth knowing:
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentRef, ParentSpec, Status
 from vdtool.core.bytesutil import zeros
@@ -68,6 +67,8 @@ class VmdkBackend(ImageBackend):
         FormatOption("toolsversion", str, "2147483647", "VMware guest tools version (ddb.toolsVersion)"),
         FormatOption("zeroed_grain", bool, False, "zeroed-grain table entries for efficient zero writes"),
         FormatOption("uuid", str, None, "image UUID (ddb.uuid.image)"),
+        FormatOption("compression_level", int, None, "deflate level of streamOptimized grains, 1-9 (default 6); "
+                                                     "a vdtool extra (qemu-img 7.2 has none), not stored"),
     )
     amend_options = (
         FormatOption("adapter_type", str, None, "virtual adapter (ddb.adapterType); the geometry follows: 16 "
@@ -115,7 +116,7 @@ class VmdkBackend(ImageBackend):
         return cid_text(self.disk.desc.get("parentCID", NO_PARENT_CID_TEXT))
 
     @property
-    def parent(self) -> Optional[ParentRef]:
+    def parent(self) -> ParentRef | None:
         hint = self.disk.desc.get("parentFileNameHint")
         if not hint:
             return None
@@ -124,7 +125,7 @@ class VmdkBackend(ImageBackend):
         return ParentRef(filename=hint, format=None, uuid=None, extra=extra)
 
     @property
-    def variant(self) -> Optional[str]:
+    def variant(self) -> str | None:
         ct = self.disk.desc.get("createType")
         for v in VARIANTS:
             if ct and v.lower() == ct.lower():
@@ -132,11 +133,11 @@ class VmdkBackend(ImageBackend):
         return ct
 
     @property
-    def uuid(self) -> Optional[str]:
+    def uuid(self) -> str | None:
         return self.disk.desc.get("ddb.uuid.image") or None
 
     @property
-    def modification_uuid(self) -> Optional[str]:
+    def modification_uuid(self) -> str | None:
         return self.disk.desc.get("ddb.uuid.modification") or None
 
     def info(self) -> dict:
@@ -312,12 +313,12 @@ class VmdkBackend(ImageBackend):
         self.write_zeroes(offset, length, unmap=True)
 
     # == compression (streamOptimized) ================================================
-    def compress_block(self, data) -> Optional[bytes]:
+    def compress_block(self, data) -> bytes | None:
         if self.disk.stream is None:
             raise NotSupported("compression", "vmdk", self.path, "only streamOptimized images are compressed")
         return self.disk.stream.compress(data)
 
-    def write_compressed_block(self, offset: int, compressed: Optional[bytes], data) -> None:
+    def write_compressed_block(self, offset: int, compressed: bytes | None, data) -> None:
         if self.disk.stream is None:
             raise NotSupported("compression", "vmdk", self.path, "only streamOptimized images are compressed")
         self.disk.stream.write_compressed(offset, compressed, data)
@@ -354,7 +355,7 @@ class VmdkBackend(ImageBackend):
         return amend(self.disk, options, self.path)
 
     # == parent =======================================================================
-    def set_parent(self, parent: Optional[ParentSpec]) -> None:
+    def set_parent(self, parent: ParentSpec | None) -> None:
         if not self.writable:
             raise ReadOnlyError("image is opened read-only", self.path)
         disk = self.disk
@@ -382,8 +383,8 @@ class VmdkBackend(ImageBackend):
     # Their modules are imported when used: opening an image to read it
     # (info, convert from VMDK, compare) starts faster without them.
     @classmethod
-    def create(cls, path: str, size: int, *, variant: Optional[str] = None, block_size: Optional[int] = None,
-               parent: Optional[ParentSpec] = None, options: Optional[dict] = None,
+    def create(cls, path: str, size: int, *, variant: str | None = None, block_size: int | None = None,
+               parent: ParentSpec | None = None, options: dict | None = None,
                progress: Progress = NO_PROGRESS) -> "VmdkBackend":
         from vdtool.formats.vmdk.create import create_image
 
@@ -396,8 +397,8 @@ class VmdkBackend(ImageBackend):
         return img
 
     @classmethod
-    def measure(cls, size: int, source, *, variant: Optional[str] = None, block_size: Optional[int] = None,
-                options: Optional[dict] = None) -> dict:
+    def measure(cls, size: int, source, *, variant: str | None = None, block_size: int | None = None,
+                options: dict | None = None) -> dict:
         from vdtool.formats.vmdk.create import measure
 
         return measure(size, source, variant=variant, block_size=block_size, options=options,
@@ -425,7 +426,7 @@ class VmdkBackend(ImageBackend):
         self.file = self.disk.file  # a rewritten stream is a new file
         self.flush()
 
-    def _check(self, res: CheckResult, repair: Optional[str], progress: Progress) -> None:
+    def _check(self, res: CheckResult, repair: str | None, progress: Progress) -> None:
         from vdtool.formats.vmdk.check import check_disk
 
         if self.writable:
@@ -435,6 +436,6 @@ class VmdkBackend(ImageBackend):
             self.flush()
 
 
-def _cid_int(text: str) -> Optional[int]:
+def _cid_int(text: str) -> int | None:
     """A CID as the integer qemu-img reports (None for a malformed one)."""
     return int(text, 16) if is_hex32(text) else None

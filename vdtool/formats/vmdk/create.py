@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import uuid as uuidlib
-from typing import Optional
 
 from vdtool.core.backend import ParentSpec
 from vdtool.core.bytesutil import ceil_div
+from vdtool.core.deflate import check_level
 from vdtool.core.errors import NotSupported, UsageError
 from vdtool.core.fileio import create_file
 from vdtool.formats.vmdk.descriptor import (NO_PARENT_CID, ExtentLine, geometry, is_hex32, long_content_id, new_cid,
@@ -24,9 +24,9 @@ NULL_UUID = "00000000-0000-0000-0000-000000000000"
 _GENERIC_OPTIONS = ("subformat", "backing_file", "backing_fmt", "preallocation")
 
 
-def create_image(path: str, size: int, *, variant: Optional[str], block_size: Optional[int],
-                 parent: Optional[ParentSpec], options: Optional[dict], variants: tuple,
-                 format_options: tuple) -> Optional[Disk]:
+def create_image(path: str, size: int, *, variant: str | None, block_size: int | None,
+                 parent: ParentSpec | None, options: dict | None, variants: tuple,
+                 format_options: tuple) -> Disk | None:
     """Write a new image at ``path``.  A streamOptimized image is written
     later, in one pass: its Disk is returned, the file open and its
     StreamWriter in ``stream``; for every other variant the files are
@@ -50,8 +50,12 @@ def create_image(path: str, size: int, *, variant: Optional[str], block_size: Op
     zeroed = bool(opts["zeroed_grain"])
     new = _NewImage(path, size // SECTOR, grain, version=2 if zeroed else 1,
                     flags=FLAG_NL_DETECT | FLAG_RGD | (FLAG_ZERO_GRAIN if zeroed else 0))
+    if opts["compression_level"] is not None and not stream:
+        raise UsageError(f"vmdk option compression_level: only streamOptimized images are compressed, not "
+                         f"{variant}")
     if stream:
-        return new.stream(new_descriptor(variant, cid, pcid, new.lines_monolithic(), ddb, hint))
+        return new.stream(new_descriptor(variant, cid, pcid, new.lines_monolithic(), ddb, hint),
+                          opts["compression_level"])
     if variant == "monolithicSparse":
         new.monolithic_sparse(new_descriptor(variant, cid, pcid, new.lines_monolithic(), ddb, hint))
     else:
@@ -67,7 +71,7 @@ def _choose_variant(variant, variants: tuple) -> str:
     return match[0]
 
 
-def _parse_opts(format_options: tuple, options: Optional[dict]) -> dict:
+def _parse_opts(format_options: tuple, options: dict | None) -> dict:
     opts = {o.name: o.default for o in format_options}
     known = {o.name: o for o in format_options}
     for key, value in (options or {}).items():
@@ -88,13 +92,15 @@ def _parse_opts(format_options: tuple, options: Optional[dict]) -> dict:
             opts["uuid"] = str(uuidlib.UUID(str(opts["uuid"])))
         except ValueError:
             raise UsageError(f"vmdk option uuid: {opts['uuid']!r} is not a UUID") from None
+    if opts["compression_level"] is not None:
+        opts["compression_level"] = check_level(opts["compression_level"], "vmdk option compression_level")
     tv = str(opts["toolsversion"])
     if not tv.isdigit():
         raise UsageError(f"vmdk option toolsversion: invalid value {tv!r} (a number)")
     return opts
 
 
-def _grain_sectors(block_size: Optional[int], sparse: bool, variant: str) -> int:
+def _grain_sectors(block_size: int | None, sparse: bool, variant: str) -> int:
     if block_size is None:
         return DEFAULT_GRAIN_SECTORS
     if not sparse:
@@ -104,7 +110,7 @@ def _grain_sectors(block_size: Optional[int], sparse: bool, variant: str) -> int
     return block_size // SECTOR
 
 
-def _parent_facts(parent: Optional[ParentSpec]) -> tuple:
+def _parent_facts(parent: ParentSpec | None) -> tuple:
     """(parentCID, parentFileNameHint) a child of ``parent`` records."""
     if parent is None:
         return NO_PARENT_CID, None
@@ -115,7 +121,7 @@ def _parent_facts(parent: Optional[ParentSpec]) -> tuple:
     return pcid, parent.recorded_name
 
 
-def _ddb(size: int, opts: dict, cid: int, image_uuid: str, parent: Optional[ParentSpec], stream: bool) -> list:
+def _ddb(size: int, opts: dict, cid: int, image_uuid: str, parent: ParentSpec | None, stream: bool) -> list:
     adapter = opts["adapter_type"]
     cyl, heads, secs = geometry(size, adapter)
     ddb = [
@@ -171,13 +177,13 @@ class _NewImage:
     def lines(parts: list) -> list:
         return [ExtentLine("RW", n, etype, name, 0) for name, n, etype in parts]
 
-    def stream(self, desc) -> Disk:
+    def stream(self, desc, level: int | None = None) -> Disk:
         f = create_file(self.path)
         try:
             disk = Disk(self.path, f)
             disk.desc = desc
             disk.desc_home = None
-            disk.stream = StreamWriter(f, self.sectors, desc.render(), self.grain)
+            disk.stream = StreamWriter(f, self.sectors, desc.render(), self.grain, level)
         except BaseException:
             f.close()
             raise
@@ -222,7 +228,7 @@ def _zlib_bound(n: int) -> int:
     return n + (n >> 12) + (n >> 14) + (n >> 25) + 13
 
 
-def measure(size: int, source, *, variant: Optional[str], block_size: Optional[int], options: Optional[dict],
+def measure(size: int, source, *, variant: str | None, block_size: int | None, options: dict | None,
             variants: tuple, format_options: tuple) -> dict:
     """measure's sizes, every file of the image counted.  Sparse extents:
     header, descriptor, both grain directories and every grain table (as

@@ -9,13 +9,13 @@ table entries are checked when used."""
 from __future__ import annotations
 
 import re
-import zlib
 from array import array
 from itertools import compress as _select
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from vdtool.core.backend import MapExtent, Status
 from vdtool.core.bytesutil import U32, align_up, ceil_div, le_array, le_bytes
+from vdtool.core.deflate import DeflateError, inflate
 from vdtool.core.errors import CorruptImageError, FormatError, NotSupported, UnsupportedFeature, VdError
 from vdtool.formats.vmdk.layout import (DEFAULT_DESCRIPTOR_SECTORS, DEFAULT_GRAIN_SECTORS, DEFAULT_GTES,
                                         FLAG_COMPRESSED, FLAG_MARKERS, FLAG_RGD, FLAG_ZERO_GRAIN, GD_AT_END,
@@ -66,8 +66,8 @@ class SparseExtent:
         self._gd_dirty = False
         self._released: list = []  # host byte offsets of grains released since the last flush
         self._zcache = (None, None)  # (gte, decompressed grain)
-        self._scan: Optional[TableScan] = None  # built from the directories at open, rebuilt when they change
-        self._rscan: Optional[TableScan] = None
+        self._scan: TableScan | None = None  # built from the directories at open, rebuilt when they change
+        self._rscan: TableScan | None = None
         self.footer_used = False
         self._read_header()
 
@@ -182,7 +182,7 @@ class SparseExtent:
             s = self._scan = self._new_scan(self.gd)
         return s
 
-    def rgd_scan(self) -> Optional[TableScan]:
+    def rgd_scan(self) -> TableScan | None:
         if self.rgd is None:
             return None
         s = self._rscan
@@ -197,7 +197,7 @@ class SparseExtent:
     def table_is_empty(self, t: array) -> bool:
         return t.tobytes() == self._zero_gt  # one memcmp, not 512 int compares
 
-    def gt(self, i: int) -> Optional[array]:
+    def gt(self, i: int) -> array | None:
         t = self._gt_cache.get(i)
         if t is not None:
             return t
@@ -300,6 +300,31 @@ class SparseExtent:
         """Compressed grain ``g`` at sector ``e``, inflated (the last one cached)."""
         if self._zcache[0] == e:
             return self._zcache[1]
+        out = self._inflate_grain((e, g))
+        self._zcache = (e, out)
+        return out
+
+    def _fill_compressed(self, mv, pieces: list) -> None:
+        """The compressed grains of one read, [(pos, within, length, gte,
+        grain)...]: inflated on every core, then copied into ``mv``."""
+        if len(pieces) == 1:
+            pos, within, n, e, g = pieces[0]
+            mv[pos:pos + n] = memoryview(self.grain_data(e, g))[within:within + n]
+            return
+        from vdtool.core import workers
+
+        step = max(1, workers.BATCH_BYTES // self.grain_bytes)  # memory stays bounded for any read size
+        for i in range(0, len(pieces), step):
+            part = pieces[i:i + step]
+            outs = workers.parallel_map(self._inflate_grain, [(p[3], p[4]) for p in part])
+            for (pos, within, n, _, _), data in zip(part, outs):
+                mv[pos:pos + n] = memoryview(data)[within:within + n]
+        self._zcache = (pieces[-1][3], outs[-1])
+
+    def _inflate_grain(self, where: tuple) -> bytes:
+        """Grain ``g`` compressed at sector ``e`` (``where``: (e, g)), read,
+        checked and inflated (no cache: runs in worker threads)."""
+        e, g = where
         gb = self.grain_bytes
         off = e * SECTOR
         fsize = self.file_size
@@ -315,15 +340,13 @@ class SparseExtent:
         else:
             comp = self.file.pread(off, min(2 * gb + 1024, fsize - off))
         try:
-            d = zlib.decompressobj()
-            out = d.decompress(comp, gb)
-            if d.unconsumed_tail and self.markers:
-                raise self._err(f"compressed grain {g} at sector {e} inflates to more than the grain size {gb}")
-        except zlib.error as ex:
+            out, more, _ = inflate(comp, gb)
+        except DeflateError as ex:
             raise self._err(f"compressed grain {g} at sector {e} cannot be inflated: {ex}") from None
+        if more and self.markers:
+            raise self._err(f"compressed grain {g} at sector {e} inflates to more than the grain size {gb}")
         if len(out) < gb:
             out += bytes(gb - len(out))
-        self._zcache = (e, out)
         return out
 
     def readinto(self, offset: int, mv: memoryview) -> None:
@@ -331,6 +354,7 @@ class SparseExtent:
         pos = 0
         total = len(mv)
         limit = max(self.file_size, self.next_alloc)
+        compressed = []  # (pos, within, length, gte, grain): inflated together at the end
         while pos < total:
             voff = offset + pos
             g = voff // gb
@@ -341,7 +365,7 @@ class SparseExtent:
             if st != Status.DATA:
                 mv[pos:pos + n] = bytes(n)
             elif self.compressed:
-                mv[pos:pos + n] = memoryview(self.grain_data(e, g))[within:within + n]
+                compressed.append((pos, within, n, e, g))
             else:
                 host = e * SECTOR + within
                 if host >= limit:
@@ -349,6 +373,8 @@ class SparseExtent:
                 n = self._contiguous(g, e, within, n, total - pos)
                 self.file.readinto(host, mv[pos:pos + n])
             pos += n
+        if compressed:
+            self._fill_compressed(mv, compressed)
 
     def _contiguous(self, g: int, e: int, within: int, n: int, left: int) -> int:
         """Bytes from ``within`` grain ``g`` (at sector ``e``, ``n`` of them
@@ -599,8 +625,9 @@ class SparseExtent:
                 out.append((a, b))
         return out
 
-    def all_gtes(self):
-        """Yield (grain index, entry) for every allocated or zero entry."""
+    def all_tables(self):
+        """Yield (first grain index, copy of the grain table) for every
+        table with an allocated or zero entry."""
         n = self.gd_entries
         gtes = self.gtes
         scan = self.table_scan()
@@ -608,10 +635,18 @@ class SparseExtent:
         while ti < n:
             t = self.gt(ti)
             if t is not None and not self.table_is_empty(t):
-                t = array(t.typecode, t)  # callers may change entries while they walk
-                base = ti * gtes
-                yield from zip(_select(range(base, base + len(t)), t), filter(None, t))
+                yield ti * gtes, array(t.typecode, t)  # callers may change entries while they walk
             ti = scan.next_table(ti + 1, n)
+
+    def all_gtes(self):
+        """Yield (grain index, entry) for every allocated or zero entry."""
+        for base, t in self.all_tables():
+            yield from table_gtes(base, t)
+
+
+def table_gtes(base: int, t: array):
+    """(grain index, entry) for the non-zero entries of the table whose first grain is ``base``."""
+    return zip(_select(range(base, base + len(t)), t), filter(None, t))
 
 
 # == layout of new sparse extents (as qemu-img and VMware lay them out) ==================
@@ -629,7 +664,7 @@ def sparse_layout(capacity: int, grain: int = DEFAULT_GRAIN_SECTORS, gtes: int =
             "overhead": overhead}
 
 
-def write_new_sparse(file, capacity: int, *, version: int, flags: int, desc: Optional[bytes],
+def write_new_sparse(file, capacity: int, *, version: int, flags: int, desc: bytes | None,
                      desc_size: int = DEFAULT_DESCRIPTOR_SECTORS, grain: int = DEFAULT_GRAIN_SECTORS,
                      compress: int = 0) -> None:
     """Header, embedded descriptor, redundant and primary directories with

@@ -4,10 +4,9 @@ the sparse extent's (``sparse.SparseExtent``)."""
 
 from __future__ import annotations
 
-import zlib
 from array import array
-from typing import Optional
 
+from vdtool.core import deflate
 from vdtool.core.bytesutil import U32, align_up, ceil_div, le_bytes
 from vdtool.core.errors import NotSupported, VdError
 from vdtool.formats.vmdk.layout import (COMPRESSION_DEFLATE, DEFAULT_GRAIN_SECTORS, DEFAULT_GTES, FLAG_COMPRESSED,
@@ -16,11 +15,12 @@ from vdtool.formats.vmdk.layout import (COMPRESSION_DEFLATE, DEFAULT_GRAIN_SECTO
                                         SPARSE_HEADER, metadata_marker, new_header)
 
 
-def compress_grain(data, grain_bytes: int, level: int = 6) -> bytes:
-    """One grain as VMware stores it: zlib stream (RFC 1950) of the whole grain."""
+def compress_grain(data, grain_bytes: int, level: int | None = None) -> bytes:
+    """One grain as VMware stores it: zlib stream (RFC 1950) of the whole
+    grain (``level``: deflate 1-9, None for the default)."""
     if len(data) < grain_bytes:
         data = bytes(data) + bytes(grain_bytes - len(data))
-    return zlib.compress(data, level)
+    return deflate.deflate(data, level)
 
 
 class StreamWriter:
@@ -31,8 +31,10 @@ class StreamWriter:
 
     kind = "STREAM"
 
-    def __init__(self, file, capacity: int, desc: bytes, grain: int = DEFAULT_GRAIN_SECTORS):
+    def __init__(self, file, capacity: int, desc: bytes, grain: int = DEFAULT_GRAIN_SECTORS,
+                 level: int | None = None):
         self.file = file
+        self.level = level  # -o compression_level (deflate 1-9), None for the default
         self.path = file.path
         self.capacity = capacity
         self.grain = grain
@@ -64,7 +66,7 @@ class StreamWriter:
 
     def compress(self, data) -> bytes:
         """One grain compressed (no I/O, no state: runs in worker threads)."""
-        return compress_grain(data, self.grain_bytes)
+        return compress_grain(data, self.grain_bytes, self.level)
 
     def _order(self, g: int) -> None:
         if g <= self._last:
@@ -104,7 +106,7 @@ class StreamWriter:
             g, buf = self._pending
             self._pending = None
             if buf.count(0) != len(buf):
-                self.emit(g, compress_grain(buf, self.grain_bytes))
+                self.emit(g, compress_grain(buf, self.grain_bytes, self.level))
 
     def write(self, offset: int, mv: memoryview) -> None:
         gb = self.grain_bytes
@@ -122,21 +124,21 @@ class StreamWriter:
                 if within == 0 and (n == gb or voff + n >= self.size):
                     piece = mv[pos:pos + n]
                     if bytes(piece).count(0) != n:
-                        self.emit(g, compress_grain(piece, gb))
+                        self.emit(g, compress_grain(piece, gb, self.level))
                     pos += n
                     continue
                 self._pending = (g, bytearray(gb))
             self._pending[1][within:within + n] = mv[pos:pos + n]
             pos += n
 
-    def write_compressed(self, offset: int, comp: Optional[bytes], data) -> None:
+    def write_compressed(self, offset: int, comp: bytes | None, data) -> None:
         gb = self.grain_bytes
         if offset % gb:
             self.write(offset, memoryview(data))
             return
         self._flush_pending()
         g = offset // gb
-        self.emit(g, comp if comp is not None else compress_grain(data, gb))
+        self.emit(g, comp if comp is not None else compress_grain(data, gb, self.level))
 
     def write_zeroes(self, offset: int, length: int) -> None:
         # zeros are what a stream shows where it holds no grain; only a pending partial grain needs them

@@ -10,10 +10,10 @@ out of order is an error naming the way out (save the stream to a file)."""
 
 from __future__ import annotations
 
-import zlib
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from vdtool.core.backend import Status
+from vdtool.core.deflate import DeflateError, inflate
 from vdtool.core.errors import CorruptImageError, UnsupportedFeature
 from vdtool.formats.vmdk.layout import (FLAG_COMPRESSED, FLAG_MARKERS, GRAIN_MARKER, MAGIC, MARKER_EOS,
                                         METADATA_MARKER, SECTOR, SPARSE_HEADER, header_problems)
@@ -51,8 +51,8 @@ class StreamSource:
         self.grain_bytes = hdr.grainSize * SECTOR
         self.virtual_size = hdr.capacity * SECTOR
         self._skip_to(hdr.overHead * SECTOR)
-        self._grain: Optional[tuple] = None  # (disk offset, decompressed bytes) of the grain at hand
-        self._next: Optional[tuple] = None  # (disk offset, compressed bytes) read ahead
+        self._grain: tuple | None = None  # (disk offset, decompressed bytes) of the grain at hand
+        self._next: tuple | None = None  # (disk offset, compressed bytes) read ahead
         self._ended = False
         self._last = -1  # disk offset of the last grain read
         self._served = 0  # reads go forward from here
@@ -124,7 +124,7 @@ class StreamSource:
         self._last = lba_bytes
         return lba_bytes, raw[GRAIN_MARKER.size:GRAIN_MARKER.size + marker.size]
 
-    def _lookahead(self) -> Optional[tuple]:
+    def _lookahead(self) -> tuple | None:
         if self._next is None and not self._ended:
             self._advance()
         return self._next
@@ -166,10 +166,9 @@ class StreamSource:
         return len(mv)
 
     def _inflate(self, voff: int, comp: bytes) -> bytes:
-        d = zlib.decompressobj()
         try:
-            data = d.decompress(comp, self.grain_bytes)
-        except zlib.error as e:
+            data = inflate(comp, self.grain_bytes).data
+        except DeflateError as e:
             raise CorruptImageError(f"the grain at disk offset {voff} does not decompress: {e}", self.path) from None
         return data.ljust(self.grain_bytes, b"\0")
 
