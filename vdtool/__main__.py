@@ -1,3 +1,3 @@
-from vdtool.cli import main
+from vdtool.quickcli import entry
 
-main()
+entry()  # vdtool info FILE and vdtool check FILE without click, every other command line through it

@@ -2,46 +2,23 @@
 module in vdtool/commands and are imported only when used, so that
 ``vdtool --version`` imports no command, no format, no rich and no tqdm.
 
-Errors are turned into one line on stderr here, in one place:
-``vdtool: error: MESSAGE``."""
+Errors are turned into one line on stderr here, in one place
+(vdtool.cliguard, which the click-free quick path for ``vdtool info FILE``
+in vdtool.quickcli shares): ``vdtool: error: MESSAGE``."""
 
 from __future__ import annotations
 
 import importlib
-import os
-import signal
 import sys
 
 import click
 
 from vdtool import __version__
-from vdtool.core.errors import Terminated
+from vdtool.cliguard import error, exit_status, install_stop_signals, warning
 
 COMMANDS = ("create", "info", "convert", "compact", "resize", "merge", "discard", "check", "rebase", "measure", "checksum", "amend", "snapshot", "map", "compare")
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
-
-
-def _one_line(text: str) -> str:
-    return " ".join(part.strip() for part in str(text).splitlines() if part.strip()) or "(no message)"
-
-
-def _error(message: str) -> None:
-    try:
-        from vdtool.terminal import message_line
-
-        message_line("vdtool: error:", _one_line(message), "bold red")
-    except Exception:
-        pass
-
-
-def _quiet_broken_pipe() -> None:
-    """stdout went away (``vdtool info x | head -1``): no more output."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except Exception:
-        pass
 
 
 def _notice(text: str) -> None:
@@ -50,12 +27,7 @@ def _notice(text: str) -> None:
     ctx = click.get_current_context(silent=True)
     if ctx is not None and ctx.params.get("quiet"):
         return
-    try:
-        from vdtool.terminal import message_line
-
-        message_line("vdtool: warning:", _one_line(text), "bold yellow")
-    except Exception:
-        pass
+    warning(text)
 
 
 def _did_you_mean(word: str, choices) -> str:
@@ -63,54 +35,6 @@ def _did_you_mean(word: str, choices) -> str:
 
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _raise_terminated(signum, frame):
-    # once is enough: a second signal must not interrupt the cleanup
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    raise Terminated(signum)
-
-
-_late_signals_hooked = False
-
-
-def _ignore_late_stop_signals() -> None:
-    """At exit: CPython puts the default actions back while it shuts down, so
-    a SIGTERM in the last moments would kill vdtool after its work is done
-    (status -15 instead of the one it has); from here on they are ignored."""
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        try:
-            signal.signal(sig, signal.SIG_IGN)
-        except (ValueError, OSError):
-            pass
-
-
-def _install_stop_signals() -> None:
-    """SIGTERM and SIGHUP unwind like Ctrl-C (staging folders removed,
-    locks released) instead of killing the process where it stands;
-    long operations first ask to stop at their next safe point (see
-    vdtool.progressbar).  A signal ignored by whoever started vdtool
-    (nohup) stays ignored."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        try:
-            if signal.getsignal(sig) != signal.SIG_IGN:
-                signal.signal(sig, _raise_terminated)
-        except (ValueError, OSError):  # not the main thread (an embedding program)
-            pass
-    global _late_signals_hooked
-    if not _late_signals_hooked:
-        import atexit
-
-        atexit.register(_ignore_late_stop_signals)
-        _late_signals_hooked = True
-    # SIGUSR1 asks a long operation for a progress line (vdtool.progressbar);
-    # before or between operations it must not kill vdtool (its default)
-    try:
-        if hasattr(signal, "SIGUSR1") and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    except (ValueError, OSError):
-        pass
 
 
 class LazyGroup(click.Group):
@@ -151,13 +75,13 @@ class LazyGroup(click.Group):
             while c is not None and c.parent is not None:
                 names.insert(0, c.info_name)
                 c = c.parent
-            _error(f"{e.format_message()} (see '{' '.join(['vdtool', *names])} --help')")
+            error(f"{e.format_message()} (see '{' '.join(['vdtool', *names])} --help')")
             sys.exit(e.exit_code)
         except click.ClickException as e:
-            _error(e.format_message())
+            error(e.format_message())
             sys.exit(e.exit_code)
         except click.exceptions.Abort:
-            _error("aborted")
+            error("aborted")
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -178,51 +102,13 @@ class LazyGroup(click.Group):
         from vdtool.core import untrusted
 
         untrusted.set_notice_handler(_notice)
-        _install_stop_signals()
+        install_stop_signals()
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except Terminated as e:
-            if debug:
-                import traceback
-
-                traceback.print_exc()
-            _error(str(e))
-            ctx.exit(e.exit_code)
-        except KeyboardInterrupt:
-            if debug:
-                import traceback
-
-                traceback.print_exc()
-            _error("interrupted")
-            ctx.exit(130)
-        except BrokenPipeError:
-            # the reader of standard output went away: stop quietly, with
-            # the status a process killed by SIGPIPE reports in a shell
-            _quiet_broken_pipe()
-            ctx.exit(128 + 13)
-        except Exception as e:  # noqa: BLE001 -- this is the one place errors are reported
-            from vdtool.core.errors import VdError
-
-            if debug:
-                import traceback
-
-                traceback.print_exc()
-            if isinstance(e, VdError):
-                _error(str(e))
-                ctx.exit(getattr(e, "exit_code", 1))
-            if isinstance(e, OSError):
-                what = e.strerror or str(e)
-                if e.filename is not None:
-                    what = f"{e.filename}: {what}"
-                    if e.filename2 is not None:
-                        what = f"{e.filename} -> {e.filename2}: {e.strerror or e}"
-                _error(what)
-                ctx.exit(1)
-            hint = "" if debug else " (run with --debug for the traceback)"
-            _error(f"internal error: {type(e).__name__}: {_one_line(e)}{hint}")
-            ctx.exit(1)
+        except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 -- this is the one place errors are reported
+            ctx.exit(exit_status(e, debug))
 
 
 EPILOG = """\b

@@ -12,11 +12,15 @@ import enum
 import os
 import struct
 import zlib
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, NamedTuple, Optional
+from collections import namedtuple
+from collections.abc import Callable
 
 from vdtool.core.errors import NotSupported, ReadOnlyError, UnsupportedFeature, UsageError, VdError
 from vdtool.core.progress import NO_PROGRESS, Progress
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
 
 
 class Status(enum.IntEnum):
@@ -25,7 +29,8 @@ class Status(enum.IntEnum):
     DATA = 2  # this image holds the data
 
 
-class MapExtent(NamedTuple):
+class MapExtent(namedtuple("MapExtent", ("status", "length", "offset", "compressed", "zero", "file"),
+                           defaults=(None, False, False, None))):
     """Where a run of guest bytes lives (``map_extent``): qemu-img map's facts
     for one image.  ``status`` as block_status; ``offset``: the run's host
     offset in ``file`` (None where there is none: compressed, zero or
@@ -33,12 +38,7 @@ class MapExtent(NamedTuple):
     to read as zeros (a hole in the file under allocated or flat data);
     ``file``: the file ``offset`` is in (None: the image's own file)."""
 
-    status: "Status"
-    length: int
-    offset: Optional[int] = None
-    compressed: bool = False
-    zero: bool = False
-    file: Optional[str] = None
+    __slots__ = ()  # status: Status, length: int, offset: int | None, compressed, zero: bool, file: str | None
 
 
 class Cap(enum.Flag):
@@ -58,42 +58,76 @@ class Cap(enum.Flag):
     ZERO_MARKER = enum.auto()  # can record ZERO over parent data
 
 
-@dataclass
-class ParentRef:
-    """How an image names its parent, as read from the file."""
+class _Fields:
+    """repr and == over ``_fields``, as @dataclass gave them (a dataclass
+    costs about a millisecond of start-up to build, and the dataclasses
+    module brings inspect: several milliseconds of every ``vdtool info``)."""
 
-    filename: Optional[str] = None  # as recorded (may be relative)
-    format: Optional[str] = None
-    uuid: Optional[str] = None
-    modification_uuid: Optional[str] = None
-    extra: dict = field(default_factory=dict)
+    _fields: tuple = ()
+    __hash__ = None  # mutable, compared by value
 
+    def __repr__(self) -> str:
+        return f"{type(self).__qualname__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self._fields)})"
 
-@dataclass
-class ParentSpec:
-    """What a backend needs to record a parent when creating an overlay."""
-
-    path: str  # the parent's real path
-    recorded_name: str  # name to store (relative to the child's folder if possible)
-    format: str
-    size: int
-    uuid: Optional[str] = None
-    modification_uuid: Optional[str] = None
-    mtime: Optional[float] = None
-    # The parent's opened top image, for format facts a child records
-    # (VMDK's CID, VHD's timestamp); read it, never write or close it.
-    image: Optional["ImageBackend"] = None
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self._fields)
 
 
-@dataclass
-class FormatOption:
-    """A ``-o KEY=VALUE`` option a backend accepts (VirtualBox's config keys)."""
+class ParentRef(_Fields):
+    """How an image names its parent, as read from the file.
 
-    name: str
-    type: type  # int, str, bool, or "size"
-    default: Any
-    help: str
-    choices: tuple = ()
+    ``filename`` as recorded (may be relative), ``format``, ``uuid``,
+    ``modification_uuid``, ``extra`` (a dict)."""
+
+    _fields = ("filename", "format", "uuid", "modification_uuid", "extra")
+
+    def __init__(self, filename: str | None = None, format: str | None = None, uuid: str | None = None,
+                 modification_uuid: str | None = None, extra: dict | None = None):
+        self.filename = filename
+        self.format = format
+        self.uuid = uuid
+        self.modification_uuid = modification_uuid
+        self.extra = {} if extra is None else extra
+
+
+class ParentSpec(_Fields):
+    """What a backend needs to record a parent when creating an overlay.
+
+    ``path`` the parent's real path, ``recorded_name`` the name to store
+    (relative to the child's folder if possible), ``format``, ``size``,
+    ``uuid``, ``modification_uuid``, ``mtime``; ``image``: the parent's
+    opened top image, for format facts a child records (VMDK's CID, VHD's
+    timestamp): read it, never write or close it."""
+
+    _fields = ("path", "recorded_name", "format", "size", "uuid", "modification_uuid", "mtime", "image")
+
+    def __init__(self, path: str, recorded_name: str, format: str, size: int, uuid: str | None = None,
+                 modification_uuid: str | None = None, mtime: float | None = None,
+                 image: ImageBackend | None = None):
+        self.path = path
+        self.recorded_name = recorded_name
+        self.format = format
+        self.size = size
+        self.uuid = uuid
+        self.modification_uuid = modification_uuid
+        self.mtime = mtime
+        self.image = image
+
+
+class FormatOption(_Fields):
+    """A ``-o KEY=VALUE`` option a backend accepts (VirtualBox's config
+    keys); ``type``: int, str, bool, or "size"."""
+
+    _fields = ("name", "type", "default", "help", "choices")
+
+    def __init__(self, name: str, type: Any, default: Any, help: str, choices: tuple = ()):
+        self.name = name
+        self.type = type
+        self.default = default
+        self.help = help
+        self.choices = choices
 
     def parse(self, value: str, fmt: str) -> Any:
         from vdtool.core.sizes import parse_size
@@ -103,6 +137,8 @@ class FormatOption:
         # int(value, 0) and escape as AttributeError/TypeError.
         if isinstance(value, bool) and self.type is bool:
             return value
+        if value is None and self.default is None:
+            return None  # an option whose default is "not given", parsed twice (ops, then the backend)
         if isinstance(value, int) and not isinstance(value, bool) and self.type in (int, "size"):
             return value
         if not isinstance(value, str):
@@ -127,26 +163,38 @@ class FormatOption:
         return out
 
 
-@dataclass
-class CheckResult:
-    """QEMU's BdrvCheckResult, plus messages for the report."""
+class CheckResult(_Fields):
+    """QEMU's BdrvCheckResult, plus messages for the report.
 
-    corruptions: int = 0
-    leaks: int = 0
-    check_errors: int = 0
-    corruptions_fixed: int = 0
-    leaks_fixed: int = 0
-    image_end_offset: Optional[int] = None
-    total_clusters: Optional[int] = None
-    allocated_clusters: Optional[int] = None
-    fragmented_clusters: Optional[int] = None
-    compressed_clusters: Optional[int] = None
-    messages: list = field(default_factory=list)
-    # Why the image's chain cannot be opened (a parent missing, or not the
-    # image the child recorded): a check error, as qemu-img's "Could not
-    # open backing file" is; reported in JSON as "chain-error".
-    chain_error: Optional[str] = None
-    format_name: Optional[str] = None  # the format the image was checked as (vdtool's name)
+    ``chain_error``: why the image's chain cannot be opened (a parent
+    missing, or not the image the child recorded): a check error, as
+    qemu-img's "Could not open backing file" is; reported in JSON as
+    "chain-error".  ``format_name``: the format the image was checked as
+    (vdtool's name)."""
+
+    _fields = ("corruptions", "leaks", "check_errors", "corruptions_fixed", "leaks_fixed", "image_end_offset",
+               "total_clusters", "allocated_clusters", "fragmented_clusters", "compressed_clusters", "messages",
+               "chain_error", "format_name")
+
+    def __init__(self, corruptions: int = 0, leaks: int = 0, check_errors: int = 0, corruptions_fixed: int = 0,
+                 leaks_fixed: int = 0, image_end_offset: int | None = None,
+                 total_clusters: int | None = None, allocated_clusters: int | None = None,
+                 fragmented_clusters: int | None = None, compressed_clusters: int | None = None,
+                 messages: list | None = None, chain_error: str | None = None,
+                 format_name: str | None = None):
+        self.corruptions = corruptions
+        self.leaks = leaks
+        self.check_errors = check_errors
+        self.corruptions_fixed = corruptions_fixed
+        self.leaks_fixed = leaks_fixed
+        self.image_end_offset = image_end_offset
+        self.total_clusters = total_clusters
+        self.allocated_clusters = allocated_clusters
+        self.fragmented_clusters = fragmented_clusters
+        self.compressed_clusters = compressed_clusters
+        self.messages = [] if messages is None else messages
+        self.chain_error = chain_error
+        self.format_name = format_name
 
     # Every format reports in the same words: "ERROR: ..." for corruption
     # and check errors, "Repairing: ..." for corruption being repaired,
@@ -217,7 +265,7 @@ class MeasureSource:
         any non-zero byte."""
         raise NotImplementedError
 
-    def bitmaps_size(self, cluster_size: int) -> Optional[int]:
+    def bitmaps_size(self, cluster_size: int) -> int | None:
         """Bytes qcow2 needs for the image's persistent bitmaps at
         ``cluster_size``; None when the image cannot have any."""
         return None
@@ -264,7 +312,7 @@ class ImageBackend:
         return 0
 
     @classmethod
-    def open(cls, path: str, *, writable: bool = False, options: Optional[dict] = None) -> "ImageBackend":
+    def open(cls, path: str, *, writable: bool = False, options: dict | None = None) -> "ImageBackend":
         """Open the file and read its metadata (``_load_image``); whatever
         fails on the way, the file is closed again.  A format without
         Cap.WRITE (bochs, cloop...) refuses a writable open here, so no op
@@ -311,16 +359,16 @@ class ImageBackend:
         return CorruptImageError(msg, self.path)
 
     @classmethod
-    def create(cls, path: str, size: int, *, variant: Optional[str] = None, block_size: Optional[int] = None,
-               parent: Optional[ParentSpec] = None, options: Optional[dict] = None,
+    def create(cls, path: str, size: int, *, variant: str | None = None, block_size: int | None = None,
+               parent: ParentSpec | None = None, options: dict | None = None,
                progress: Progress = NO_PROGRESS) -> "ImageBackend":
         """Create a new image at ``path`` (the caller made sure it may) and
         return it opened for writing."""
         raise NotSupported("create", cls.name)
 
     @classmethod
-    def measure(cls, size: int, source: Optional["MeasureSource"], *, variant: Optional[str] = None,
-                block_size: Optional[int] = None, options: Optional[dict] = None) -> dict:
+    def measure(cls, size: int, source: MeasureSource | None, *, variant: str | None = None,
+                block_size: int | None = None, options: dict | None = None) -> dict:
         """How big a new image of ``size`` bytes would be (qemu-img measure):
         ``{"required": N, "fully-allocated": N}`` in bytes of files, plus
         qemu's ``"bitmaps"`` where the format stores persistent bitmaps.
@@ -330,7 +378,7 @@ class ImageBackend:
         ``fully-allocated`` is the size with every block allocated."""
         raise NotSupported("measure", cls.name)
 
-    def persistent_bitmaps(self) -> Optional[list]:
+    def persistent_bitmaps(self) -> list | None:
         """The image's persistent dirty bitmaps as ``(name, granularity)``
         pairs (qemu-img measure's ``bitmaps``), ``[]`` for none, or None
         where the format (or this version of it) cannot store any."""
@@ -359,15 +407,15 @@ class ImageBackend:
         return 1 << 16
 
     @property
-    def parent(self) -> Optional[ParentRef]:
+    def parent(self) -> ParentRef | None:
         return None
 
     @property
-    def variant(self) -> Optional[str]:
+    def variant(self) -> str | None:
         return None
 
     @property
-    def uuid(self) -> Optional[str]:
+    def uuid(self) -> str | None:
         return None
 
     def info(self) -> dict:
@@ -429,13 +477,13 @@ class ImageBackend:
     # pool with compress_block and writes them, in order, with
     # write_compressed_block.  These two hooks were only implied by copy.py;
     # they are declared here so every format implements the same names.
-    def compress_block(self, data) -> Optional[bytes]:
+    def compress_block(self, data) -> bytes | None:
         """Compress one whole block (``block_size`` bytes at a block-aligned
         offset, or the short last block); None when it does not get smaller.
         Runs in worker threads: no I/O, no shared state."""
         raise NotSupported("compression", self.name, self.path)
 
-    def write_compressed_block(self, offset: int, compressed: Optional[bytes], data) -> None:
+    def write_compressed_block(self, offset: int, compressed: bytes | None, data) -> None:
         """Store one block given compressed (from compress_block) and plain
         (``data``, stored as is when ``compressed`` is None)."""
         raise NotSupported("compression", self.name, self.path)
@@ -454,7 +502,7 @@ class ImageBackend:
         raise NotSupported("compact", self.name, self.path)
 
     # -- internal snapshots (qemu-img snapshot) -------------------------------
-    def snapshot_list(self) -> Optional[list]:
+    def snapshot_list(self) -> list | None:
         """The internal snapshots as qemu-img info lists them (id, name,
         vm-state-size, date-sec, date-nsec, vm-clock-sec, vm-clock-nsec,
         icount); None when the format has no internal snapshots."""
@@ -467,7 +515,7 @@ class ImageBackend:
         raise UnsupportedFeature(f"{self.name} images have no internal snapshots", self.path)
 
     # -- check (a template method: formats implement _check) ------------------
-    def check(self, repair: Optional[str] = None, progress: Progress = NO_PROGRESS) -> CheckResult:
+    def check(self, repair: str | None = None, progress: Progress = NO_PROGRESS) -> CheckResult:
         """Check the image's metadata; ``repair`` is None, 'leaks' or 'all'.
 
         The same for every format: the repair mode and the image's
@@ -492,7 +540,7 @@ class ImageBackend:
             res.error(f"internal check failure: {type(e).__name__}: {e}")
         return res
 
-    def _check(self, res: CheckResult, repair: Optional[str], progress: Progress) -> None:
+    def _check(self, res: CheckResult, repair: str | None, progress: Progress) -> None:
         """The format's check (Cap.CHECK): count what is wrong into ``res``
         with its ``corrupt``/``leak``/``error``/``say`` helpers, and repair
         it when ``repair`` asks ('leaks' or 'all'; the image is then open
@@ -513,13 +561,13 @@ class ImageBackend:
         """Give the image a new modification identity now (written at the
         next flush); for merge into parent, after the merged images are gone."""
 
-    def set_parent(self, parent: Optional[ParentSpec]) -> None:
+    def set_parent(self, parent: ParentSpec | None) -> None:
         """Rewrite the parent reference (rebase, merge into child)."""
         raise NotSupported("changing the parent", self.name, self.path)
 
     # -- amend (qemu-img amend) ------------------------------------------------
     @classmethod
-    def parse_amend_options(cls, pairs: dict, path: Optional[str] = None) -> dict:
+    def parse_amend_options(cls, pairs: dict, path: str | None = None) -> dict:
         """The ``amend -o`` strings as typed values (only the keys given).
         As qemu-img amend, a bad key or value is an error with exit status
         1; a creation-only option says so."""

@@ -42,6 +42,20 @@ def is_zero(buf, start: int = 0, n: int | None = None) -> bool:
     return True
 
 
+def uuid_text(raw: bytes, little: bool = False) -> str:
+    """16 bytes of a UUID in its 8-4-4-4-12 form, as ``str(uuid.UUID(bytes=
+    raw))`` gives it (``little``: Microsoft's GUID order, the first three
+    fields little-endian, as ``uuid.UUID(bytes_le=raw)``).  Here because
+    the uuid module brings platform: 3 ms of every ``vdtool info``."""
+    raw = bytes(raw)
+    if len(raw) != 16:
+        raise ValueError(f"a UUID is 16 bytes, not {len(raw)}")
+    if little:
+        raw = raw[3::-1] + raw[5:3:-1] + raw[7:5:-1] + raw[8:]
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 

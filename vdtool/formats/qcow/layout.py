@@ -10,7 +10,6 @@ boundary, and its older versions stored the L1 table little-endian (flag
 
 from __future__ import annotations
 
-import hashlib
 import struct
 
 from vdtool.core.layout import Layout, Record
@@ -56,6 +55,8 @@ def l1_entries(hdr: Record) -> int:
 def l1_checksum(l1_big_endian: bytes) -> int:
     """Tapdisk's L1 checksum: the first word of the table's MD5, read in the
     host's (little-endian) order."""
+    import hashlib  # here: probing a qcow2 file imports this module, and hashlib costs 4 ms
+
     return struct.unpack_from("<I", hashlib.md5(l1_big_endian).digest())[0]
 
 

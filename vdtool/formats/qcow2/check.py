@@ -44,6 +44,10 @@ class _Walk:
         self.typecode = st.rc.typecode
         self.ref = array(self.typecode, bytes(nb * array(self.typecode).itemsize))
         self.fixes_l2: dict = {}  # l2 offset -> {index: new entry}
+        # l2 offset -> the table's runs (l2_runs), found by the walk and used
+        # again by step 4 (a check without repair: the tables stay as read)
+        self.runs: dict = {}
+        self.runs_left = _RUNS_KEPT
         self._zero_cache = array(self.typecode)
         self.repeat = 1
 
@@ -249,6 +253,7 @@ class _RunFinder:
 
 
 _finders: dict = {}
+_RUNS_KEPT = 1 << 18  # runs kept for step 4 in all (about 20 MiB); tables past that are walked again
 
 
 def l2_runs(tbl: array, cs: int):
@@ -297,7 +302,11 @@ def _walk_l2(wk: _Walk, off: int, mult: int, is_active: bool, repair) -> None:
     state = [0]  # where the next cluster would be if the image were not fragmented
     fixes: dict = {}
     if w == 1:
-        for i, run, e in l2_runs(tbl, cs):
+        runs = list(l2_runs(tbl, cs))
+        if repair is None and len(runs) <= wk.runs_left:
+            wk.runs[off] = runs
+            wk.runs_left -= len(runs)
+        for i, run, e in runs:
             if not e:
                 continue
             host = e & L2E_OFFSET_MASK
@@ -557,7 +566,7 @@ def _check_copied(wk: _Walk, fix: bool) -> None:
                 st.l1_dirty.add(l1i)
                 res.corruptions_fixed += 1
         fixes = wk.fixes_l2.pop(off, {})
-        _copied_table(wk, tbl, fix, fixes)
+        _copied_table(wk, tbl, fix, fixes, wk.runs.pop(off, None))
         if fixes and fix:
             for idx, v in fixes.items():
                 tbl[idx] = v
@@ -566,12 +575,13 @@ def _check_copied(wk: _Walk, fix: bool) -> None:
         _fix_snapshot_tables(wk)
 
 
-def _copied_table(wk: _Walk, tbl: array, fix: bool, fixes: dict) -> None:
+def _copied_table(wk: _Walk, tbl: array, fix: bool, fixes: dict, runs=None) -> None:
     """The data clusters of one active L2 table (runs whose stored
-    refcounts agree with their flag as a whole are passed over)."""
+    refcounts agree with their flag as a whole are passed over); ``runs``:
+    the table's l2_runs when the walk kept them."""
     w = wk.st.l2_words
     if w == 1 and not fixes:
-        for i, run, le in l2_runs(tbl, wk.cs):
+        for i, run, le in runs if runs is not None else l2_runs(tbl, wk.cs):
             if not le:
                 continue
             if run > 1:

@@ -8,10 +8,9 @@ later entry a copy).  A repair clears the need-check flag."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import CheckResult
 from vdtool.core.progress import Progress
+from vdtool.core.tablemap import distinct_entries
 from vdtool.formats.qed.clusters import allocate
 from vdtool.formats.qed.header import clear_need_check
 from vdtool.formats.qed.layout import QED_CLUSTER_ZERO, QED_F_NEED_CHECK
@@ -19,7 +18,7 @@ from vdtool.formats.qed.pack import pack
 from vdtool.formats.qed.state import QedState
 
 
-def check(st: QedState, res: CheckResult, repair: Optional[str], progress: Progress) -> None:
+def check(st: QedState, res: CheckResult, repair: str | None, progress: Progress) -> None:
     tabs = st.tables
     if st.file.writable:
         tabs.flush()
@@ -72,6 +71,9 @@ def _check_l2(st: QedState, res: CheckResult, i: int, used: bytearray, dups: lis
     tabs = st.tables
     cs = st.cs
     t = tabs.l2(i)
+    n = _clean_l2(st, t, used)
+    if n is not None:
+        return n
     base = i * tabs.l2_entries
     n = 0
     for j, e in enumerate(t):
@@ -95,3 +97,20 @@ def _check_l2(st: QedState, res: CheckResult, i: int, used: bytearray, dups: lis
         used[e // cs] = 1
         n += 1
     return n
+
+
+def _clean_l2(st: QedState, t, used: bytearray) -> int | None:
+    """How many clusters table ``t`` names, marked in ``used``, when none of
+    its entries has a problem (distinct, aligned, in the data area, on no
+    cluster marked before); None, and nothing marked, otherwise.  Whole-set
+    operations instead of a test per entry (see core.tablemap)."""
+    cs = st.cs
+    clean = distinct_entries(t, st.data_start, max(st.tables.file_size, st.tables.end), QED_CLUSTER_ZERO)
+    if clean is None or any(map(cs.__rmod__, clean[0])):
+        return None
+    clusters = list(map(cs.__rfloordiv__, clean[0]))
+    if (clusters and max(clusters) >= len(used)) or any(map(used.__getitem__, clusters)):
+        return None
+    for c in clusters:
+        used[c] = 1
+    return len(clusters)

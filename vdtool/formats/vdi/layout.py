@@ -5,9 +5,7 @@ header, vdtool's parent-name hint, and what ``--untrusted`` finds."""
 
 from __future__ import annotations
 
-from typing import Optional
-
-from vdtool.core.bytesutil import ceil_div
+from vdtool.core.bytesutil import ceil_div, uuid_text
 from vdtool.core.errors import UsageError
 from vdtool.core.layout import Layout, Record
 
@@ -89,9 +87,7 @@ def has_lchs(hdr: Record) -> bool:
 
 
 def uuid_str(raw: bytes) -> str:
-    import uuid  # here: importing the layout stays cheap for probing
-
-    return str(uuid.UUID(bytes_le=raw))
+    return uuid_text(raw, little=True)
 
 
 def parse_uuid(text: str) -> bytes:
@@ -154,7 +150,7 @@ def probe_score(head: bytes) -> int:
     return 0
 
 
-def image_uuid(head: bytes) -> Optional[str]:
+def image_uuid(head: bytes) -> str | None:
     """The image UUID (uuidCreate) from a file's first bytes; None when they
     are not a VDI header of a version vdtool reads (at least 420 bytes)."""
     if len(head) < HEADER_OFFSET + HEADER0.size:

@@ -35,10 +35,9 @@ Choices worth knowing:
 from __future__ import annotations
 
 import struct
-import uuid as uuidlib
-from typing import Optional
 
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentRef, ParentSpec
+from vdtool.core import bytesutil
 from vdtool.core.errors import CorruptImageError, NotSupported, ReadOnlyError, UsageError
 from vdtool.core.fileio import ImageFile, create_file
 from vdtool.core.layout import Record
@@ -46,7 +45,6 @@ from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.formats.vhd import blocks, metadata
 from vdtool.formats.vhd.check import check as check_image
 from vdtool.formats.vhd.compact import compact as compact_image
-from vdtool.formats.vhd.create import plan as plan_image, write_image
 from vdtool.formats.vhd.layout import (FEATURE_TEMPORARY, SECTOR, TYPE_DIFF, TYPE_FIXED, TYPE_NAMES,
                                        geometry_sectors, probe_score, size_source, time_stamp_text, uuid_text)
 from vdtool.formats.vhd.load import load
@@ -92,14 +90,16 @@ class VhdBackend(ImageBackend):
             raise CorruptImageError(f"malformed VHD metadata ({e})", self.path) from None
 
     @classmethod
-    def create(cls, path: str, size: int, *, variant: Optional[str] = None, block_size: Optional[int] = None,
-               parent: Optional[ParentSpec] = None, options: Optional[dict] = None,
+    def create(cls, path: str, size: int, *, variant: str | None = None, block_size: int | None = None,
+               parent: ParentSpec | None = None, options: dict | None = None,
                progress: Progress = NO_PROGRESS) -> "VhdBackend":
         opts = {o.name: o.default for o in cls.options}
         opts.update(options or {})
         variant = variant or "dynamic"
         if variant not in cls.variants:
             raise UsageError(f"vhd has no variant {variant!r}; choose from {', '.join(cls.variants)}")
+        from vdtool.formats.vhd.create import plan as plan_image, write_image  # when used: start-up
+
         new = plan_image(size, variant, block_size, parent is not None, opts)
         f = create_file(path)
         try:
@@ -116,8 +116,8 @@ class VhdBackend(ImageBackend):
         return img
 
     @classmethod
-    def measure(cls, size: int, source, *, variant: Optional[str] = None, block_size: Optional[int] = None,
-                options: Optional[dict] = None) -> dict:
+    def measure(cls, size: int, source, *, variant: str | None = None, block_size: int | None = None,
+                options: dict | None = None) -> dict:
         from vdtool.formats.vhd.create import measure
 
         variant = variant or "dynamic"
@@ -144,7 +144,7 @@ class VhdBackend(ImageBackend):
         return TYPE_NAMES[self.state.disk_type]
 
     @property
-    def uuid(self) -> Optional[str]:
+    def uuid(self) -> str | None:
         return uuid_text(self.state.footer.unique_id)
 
     @property
@@ -157,7 +157,7 @@ class VhdBackend(ImageBackend):
         return size_source(self.state.footer, self.state.size)
 
     @property
-    def parent(self) -> Optional[ParentRef]:
+    def parent(self) -> ParentRef | None:
         st = self.state
         if st.disk_type != TYPE_DIFF:
             return None
@@ -188,7 +188,7 @@ class VhdBackend(ImageBackend):
             d["max-table-entries"] = st.max_table_entries
             d["allocated-blocks"] = st.allocated_count()
         if st.disk_type == TYPE_DIFF:
-            d["parent-unique-id"] = str(uuidlib.UUID(bytes=st.parent_uid))
+            d["parent-unique-id"] = bytesutil.uuid_text(st.parent_uid)
             d["parent-timestamp"] = time_stamp_text(st.parent_ts)
             d["parent-unicode-name"] = st.parent_name
             d["parent-locators"] = [f"{loc.name}: {loc.path}" for loc in st.locators]
@@ -242,7 +242,7 @@ class VhdBackend(ImageBackend):
         return amend(self.state, options)
 
     # == whole-image operations =============================================================
-    def set_parent(self, parent: Optional[ParentSpec]) -> None:
+    def set_parent(self, parent: ParentSpec | None) -> None:
         self._require_writable()
         if self.state.disk_type == TYPE_FIXED:
             raise NotSupported("a parent image", "vhd", self.path, "fixed VHDs cannot be differencing disks")
@@ -256,5 +256,5 @@ class VhdBackend(ImageBackend):
         self._require_writable()
         compact_image(self.state, progress, self.parent_read)
 
-    def _check(self, res: CheckResult, repair: Optional[str], progress: Progress) -> None:
+    def _check(self, res: CheckResult, repair: str | None, progress: Progress) -> None:
         check_image(self.state, res, repair, progress)

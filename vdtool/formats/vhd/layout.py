@@ -7,9 +7,8 @@ its three parts.  Every integer is big-endian."""
 from __future__ import annotations
 
 import time
-import uuid as uuidlib
-from typing import Optional
 
+from vdtool.core import bytesutil
 from vdtool.core.bytesutil import align_up, ceil_div
 from vdtool.core.layout import Layout, Record
 
@@ -199,13 +198,15 @@ def uuid_bytes(value) -> bytes:
     if not value:
         return bytes(16)
     try:
+        import uuid as uuidlib  # here: the uuid module costs 3 ms of start-up
+
         return uuidlib.UUID(str(value)).bytes
     except ValueError:
         return bytes(16)
 
 
-def uuid_text(raw: bytes) -> Optional[str]:
-    return str(uuidlib.UUID(bytes=raw)) if raw != bytes(16) else None
+def uuid_text(raw: bytes) -> str | None:
+    return bytesutil.uuid_text(raw) if raw != bytes(16) else None
 
 
 # -- time stamps -------------------------------------------------------------------------

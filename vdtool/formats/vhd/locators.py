@@ -9,8 +9,6 @@ data; reading and writing the file is the loader's and ``parent``'s."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Optional
 from urllib.parse import unquote, urlparse
 
 from vdtool.core.errors import UsageError
@@ -21,16 +19,28 @@ from vdtool.formats.vhd.layout import (MAX_LOCATOR_DATA, PARENT_LOCATOR, PLAT_MA
 PREFERENCE = (PLAT_W2RU, PLAT_WI2R, PLAT_W2KU, PLAT_WI2K, PLAT_MACX, PLAT_MAC)
 
 
-@dataclass
 class Locator:
     """One parent locator in use: its entry's fields (``space`` in bytes)
-    and the path its data decodes to (None when it names no path)."""
+    and the path its data decodes to (None when it names no path).  A plain
+    class: a dataclass costs about a millisecond of start-up to build."""
 
-    code: bytes
-    space: int
-    length: int
-    offset: int
-    path: Optional[str]
+    __hash__ = None  # mutable, compared by value
+
+    def __init__(self, code: bytes, space: int, length: int, offset: int, path: str | None):
+        self.code = code
+        self.space = space
+        self.length = length
+        self.offset = offset
+        self.path = path
+
+    def _key(self) -> tuple:
+        return self.code, self.space, self.length, self.offset, self.path
+
+    def __eq__(self, other):
+        return self._key() == other._key() if other.__class__ is self.__class__ else NotImplemented
+
+    def __repr__(self) -> str:
+        return "Locator(code={!r}, space={!r}, length={!r}, offset={!r}, path={!r})".format(*self._key())
 
     def entry(self) -> bytes:
         """The locator's entry in the dynamic disk header."""
@@ -61,7 +71,7 @@ def native_path(name: str) -> str:
     return name
 
 
-def decode_path(code: bytes, data: bytes) -> Optional[str]:
+def decode_path(code: bytes, data: bytes) -> str | None:
     """The path a locator's data names, None for an unknown platform or no
     name."""
     if code in (PLAT_W2RU, PLAT_W2KU):

@@ -4,6 +4,10 @@ metadata, and pulling the end of the file back."""
 
 from __future__ import annotations
 
+import bisect
+import operator
+from itertools import islice
+
 from vdtool.core.bytesutil import align_up
 from vdtool.core.errors import CorruptImageError, VdError
 from vdtool.formats.vhd.layout import BAT_PER_SECTOR, FOOTER, SECTOR, UNUSED, pack_with_checksum
@@ -15,6 +19,13 @@ def find_bad_entries(st: VhdState, file_size: int) -> None:
     """Mark unusable BAT entries in ``st.bad`` (check reports and repairs
     them: past the end of the data, over metadata, over another block) and
     set where new blocks go."""
+    if _all_usable(st):
+        st.bad = {}
+        top = max(st.meta_end(), st.data_end)
+        if st.allocated_count():
+            top = max(top, max(filter(UNUSED.__ne__, st.bat)) * SECTOR + st.slot)
+        st.next_free = align_up(top, SECTOR)
+        return
     bad = st.bad = {}
     meta = sorted(st.meta_ranges())
     slot, block, bm_size = st.slot, st.block, st.bitmap_size
@@ -45,6 +56,24 @@ def find_bad_entries(st: VhdState, file_size: int) -> None:
             keep_end, keep_i = o + slot, i
     top = max([o + slot for o, _ in used] + [st.meta_end(), st.data_end])
     st.next_free = align_up(top, SECTOR)
+
+
+def _all_usable(st: VhdState) -> bool:
+    """Whether no BAT entry is unusable, tested on the whole table (sorted
+    offsets: blocks apart, the last inside the data, none over metadata)
+    instead of entry by entry; False when in doubt (the walk then names
+    what is wrong)."""
+    offs = sorted(map(SECTOR.__mul__, filter(UNUSED.__ne__, st.bat)))
+    if not offs:
+        return True
+    slot = st.slot
+    if offs[-1] + slot > st.data_end:  # the longest a block can be
+        return False
+    if not all(map(operator.le, map(slot.__add__, offs), islice(offs, 1, None))):
+        return False  # two blocks overlap
+    # a block at off meets the range [s, e) when s - slot < off < e
+    return not any(bisect.bisect_left(offs, e) > bisect.bisect_right(offs, s - slot)
+                   for s, e, _ in st.meta_ranges())
 
 
 def allocated_blocks(st: VhdState) -> list:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from array import array
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Optional
 
 from vdtool.core.bytesutil import U32, align_up
 from vdtool.core.fileio import ImageFile
@@ -16,46 +14,70 @@ from vdtool.formats.vhd.layout import (DEFAULT_BLOCK, FOOTER_SIZE, HEADER_SIZE, 
                                        TYPE_FIXED, UNUSED, bitmap_bytes)
 
 
-@dataclass(slots=True, eq=False)
 class VhdState:
-    file: ImageFile
-    force: bool = False  # open accepts wrong checksums (--force, and check)
+    """One open VHD image (a plain class with slots: a dataclass costs
+    about a millisecond of start-up to build).
 
-    # -- the footer and what it decides
-    footer: Optional[Record] = None  # layout.FOOTER, as it will be written
-    disk_type: int = TYPE_FIXED
-    size: int = 0  # the disk's size (layout.disk_size)
-    # Where the footer at the end starts: for a fixed disk the end of its
-    # data; for a dynamic one, after a flush, equal to next_free.
-    data_end: int = 0
-    # (kind, message) found at open, reported by check and info; kinds:
-    # footer-checksum, footer-missing, footer-copy, header-checksum
-    problems: list = field(default_factory=list)
+    The footer and what it decides: ``footer`` (layout.FOOTER, as it will
+    be written), ``disk_type``, ``size`` (the disk's size, layout.disk_size),
+    ``data_end`` (where the footer at the end starts: for a fixed disk the
+    end of its data; for a dynamic one, after a flush, equal to
+    next_free), ``problems`` ((kind, message) found at open, reported by
+    check and info; kinds: footer-checksum, footer-missing, footer-copy,
+    header-checksum); ``force``: open accepts wrong checksums (--force,
+    and check).
 
-    # -- dynamic and differencing disks
-    header_offset: int = 0
-    table_offset: int = 0
-    max_table_entries: int = 0
-    bat: array = field(default_factory=lambda: array(U32))  # block -> sector of its bitmap, or UNUSED
-    block: int = DEFAULT_BLOCK  # block size in bytes
-    spb: int = DEFAULT_BLOCK // SECTOR  # sectors per block
-    bitmap_size: int = SECTOR  # bytes of a block's sector bitmap
-    slot: int = DEFAULT_BLOCK + SECTOR  # bitmap and data: what a block takes in the file
-    full_mask: int = 0  # a sector bitmap (as ``metadata.bits`` returns it) with every sector set
-    locators: list = field(default_factory=list)  # locators.Locator
-    parent_uid: bytes = bytes(16)
-    parent_ts: int = 0
-    parent_name: str = ""  # the header's Parent Unicode Name
-    bad: dict = field(default_factory=dict)  # block -> why its BAT entry cannot be used
-    next_free: int = 0  # where the next block goes (and the footer after a flush)
+    Dynamic and differencing disks: ``header_offset``, ``table_offset``,
+    ``max_table_entries``, ``bat`` (block -> sector of its bitmap, or
+    UNUSED), ``block`` (block size in bytes), ``spb`` (sectors per block),
+    ``bitmap_size`` (bytes of a block's sector bitmap), ``slot`` (bitmap
+    and data: what a block takes in the file), ``full_mask`` (a sector
+    bitmap, as ``metadata.bits`` returns it, with every sector set),
+    ``locators`` (locators.Locator), ``parent_uid``, ``parent_ts``,
+    ``parent_name`` (the header's Parent Unicode Name), ``bad`` (block ->
+    why its BAT entry cannot be used), ``next_free`` (where the next block
+    goes, and the footer after a flush).
 
-    # -- write-back cache (metadata.flush writes it out)
-    bitmaps: OrderedDict = field(default_factory=OrderedDict)  # block -> bytearray, least recently used first
-    bm_dirty: set = field(default_factory=set)  # blocks whose bitmap is to be written
-    bat_dirty: set = field(default_factory=set)  # BAT sectors (entry // 128) to be written
-    data_dirty: bool = False  # data written since the last flush
-    footer_dirty: bool = False
-    header_dirty: bool = False
+    Write-back cache (metadata.flush writes it out): ``bitmaps`` (block ->
+    bytearray, least recently used first), ``bm_dirty`` (blocks whose
+    bitmap is to be written), ``bat_dirty`` (BAT sectors, entry // 128, to
+    be written), ``data_dirty`` (data written since the last flush),
+    ``footer_dirty``, ``header_dirty``."""
+
+    __slots__ = ("file", "force", "footer", "disk_type", "size", "data_end", "problems", "header_offset",
+                 "table_offset", "max_table_entries", "bat", "block", "spb", "bitmap_size", "slot", "full_mask",
+                 "locators", "parent_uid", "parent_ts", "parent_name", "bad", "next_free", "bitmaps", "bm_dirty",
+                 "bat_dirty", "data_dirty", "footer_dirty", "header_dirty")
+
+    def __init__(self, file: ImageFile, force: bool = False):
+        self.file = file
+        self.force = force
+        self.footer: Record | None = None
+        self.disk_type: int = TYPE_FIXED
+        self.size: int = 0
+        self.data_end: int = 0
+        self.problems: list = []
+        self.header_offset: int = 0
+        self.table_offset: int = 0
+        self.max_table_entries: int = 0
+        self.bat: array = array(U32)
+        self.block: int = DEFAULT_BLOCK
+        self.spb: int = DEFAULT_BLOCK // SECTOR
+        self.bitmap_size: int = SECTOR
+        self.slot: int = DEFAULT_BLOCK + SECTOR
+        self.full_mask: int = 0
+        self.locators: list = []
+        self.parent_uid: bytes = bytes(16)
+        self.parent_ts: int = 0
+        self.parent_name: str = ""
+        self.bad: dict = {}
+        self.next_free: int = 0
+        self.bitmaps: OrderedDict = OrderedDict()
+        self.bm_dirty: set = set()
+        self.bat_dirty: set = set()
+        self.data_dirty: bool = False
+        self.footer_dirty: bool = False
+        self.header_dirty: bool = False
 
     @property
     def path(self) -> str:

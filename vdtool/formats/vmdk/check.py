@@ -7,21 +7,21 @@ from __future__ import annotations
 import bisect
 import heapq
 import os
-from typing import Optional
 
 from vdtool.core.backend import CheckResult
 from vdtool.core.bytesutil import ceil_div, le_bytes
 from vdtool.core.progress import Progress
+from vdtool.core.tablemap import Claimed, distinct_entries
 from vdtool.formats.vmdk.disk import Disk
 from vdtool.formats.vmdk.flat import FlatExtent
 from vdtool.formats.vmdk.layout import GRAIN_MARKER, GTE_ZERO, SECTOR
-from vdtool.formats.vmdk.sparse import SparseExtent
+from vdtool.formats.vmdk.sparse import SparseExtent, table_gtes
 
 _LOOSE_LIMIT = 1 << 16  # more loose entries than this: the entry-by-entry walk
 _PROGRESS_EVERY = 1024  # entries between progress reports
 
 
-def check_disk(disk: Disk, res: CheckResult, repair: Optional[str], progress: Progress) -> None:
+def check_disk(disk: Disk, res: CheckResult, repair: str | None, progress: Progress) -> None:
     """Every extent, each a share of ``progress`` by its size.  ``repair``:
     None, "leaks" or "all" (the image is then writable)."""
     res.total_clusters = 0
@@ -92,7 +92,7 @@ class _SparseCheck:
     markers sane).  ``fix`` repairs corruption (repair "all"),
     ``fix_leaks`` leaks (any repair)."""
 
-    def __init__(self, e: SparseExtent, res: CheckResult, name: str, repair: Optional[str]):
+    def __init__(self, e: SparseExtent, res: CheckResult, name: str, repair: str | None):
         self.e = e
         self.res = res
         self.name = name
@@ -101,6 +101,7 @@ class _SparseCheck:
         self.fs = e.file.size()
         self.total_grains = ceil_div(e.size, e.grain_bytes)
         self.reserved = e.metadata_ranges()  # before any repair moves a table
+        self.starts = [a for a, b in self.reserved]
 
     def run(self, progress: Progress) -> None:
         e = self.e
@@ -245,28 +246,72 @@ class _SparseCheck:
 
     # -- grain table entries ------------------------------------------------------------------
     def _check_entries(self, progress: Progress) -> None:
+        e = self.e
+        tables = list(e.all_tables())  # repairs change entries: walk copies
+        self.owners = {}  # sector -> grain, for entries checked one by one
+        self.claimed = Claimed()  # every sector a grain was found at
+        self.whole = []  # (base, table) of the tables checked whole
+        for k, (base, t) in enumerate(tables):
+            if not k % max(1, _PROGRESS_EVERY // e.gtes):
+                progress.update(k, len(tables))
+            if not self._table_clean(base, t):
+                self._check_table(base, t)
+
+    def _table_clean(self, base: int, t) -> bool:
+        """Count table ``t``'s grains when none of its entries has a problem
+        (in the disk and the file, distinct, on no other grain or
+        metadata): whole-table operations, not a test per entry.  False
+        (nothing counted) sends the table to the entry-by-entry walk."""
+        e = self.e
+        if e.compressed or base + len(t) > self.total_grains:
+            return False
+        clean = distinct_entries(t, 1, ceil_div(self.fs, SECTOR), GTE_ZERO if e.zero_grain else 0)
+        if clean is None:
+            return False
+        vals, least, greatest = clean
+        if least is not None and self._overlaps_metadata(least * SECTOR, greatest * SECTOR + e.grain_bytes):
+            return False
+        if not self.claimed.claim_all(vals, least, greatest):
+            return False
+        self.whole.append((base, t))
+        self.res.allocated_clusters += len(vals)
+        return True
+
+    def _overlaps_metadata(self, start: int, end: int) -> bool:
+        """Does [start, end) meet a metadata range?  The ranges are sorted
+        and disjoint: the last starting at or before ``start`` and the next."""
+        j = max(0, bisect.bisect_right(self.starts, start) - 1)
+        return any(a < end and start < b for a, b in self.reserved[j:j + 2])
+
+    def _owner(self, v: int) -> int | None:
+        """The grain found at sector ``v`` before (None: none was)."""
+        g = self.owners.get(v)
+        if g is None and v in self.claimed:
+            for base, t in self.whole:
+                if v in t:
+                    return base + t.index(v)
+        return g
+
+    def _check_table(self, base: int, t) -> None:
         e, res, name = self.e, self.res, self.name
-        owners = {}
-        starts = [a for a, b in self.reserved]
-        skip_zero, total_grains, problem = e.zero_grain, self.total_grains, self._grain_problem
-        entries = list(e.all_gtes())  # repairs change entries: walk a copy
-        for k, (g, v) in enumerate(entries):
-            if not k % _PROGRESS_EVERY:
-                progress.update(k, len(entries))
+        skip_zero, total_grains, problem, starts = e.zero_grain, self.total_grains, self._grain_problem, self.starts
+        for g, v in table_gtes(base, t):
             if v == GTE_ZERO and skip_zero:
                 continue
             if g >= total_grains:
                 self._entry_beyond_disk(g)
                 continue
             bad = problem(g, v, starts)
-            if bad is None and v not in owners:
-                owners[v] = g
+            owner = self._owner(v) if bad is None else None
+            if bad is None and owner is None:
+                self.owners[v] = g
+                self.claimed.add(v)
                 res.allocated_clusters += 1
                 if e.compressed:
                     res.compressed_clusters += 1
             elif bad is None:
                 repairing = self.fix and not e.compressed
-                res.corrupt(f"{name}: grain {g} and grain {owners[v]} share sector {v}", repairing=repairing)
+                res.corrupt(f"{name}: grain {g} and grain {owner} share sector {v}", repairing=repairing)
                 if repairing:
                     self._give_own_copy(g, v)
             else:
@@ -286,7 +331,7 @@ class _SparseCheck:
             self.e.forget_released()
             self.res.leaks_fixed += 1
 
-    def _grain_problem(self, g: int, v: int, starts: list) -> Optional[str]:
+    def _grain_problem(self, g: int, v: int, starts: list) -> str | None:
         """What is wrong with grain ``g`` at sector ``v``: past the end of
         the file, a bad marker, or overlapping metadata (None if nothing)."""
         e, fs, h = self.e, self.fs, v * SECTOR

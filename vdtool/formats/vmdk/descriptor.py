@@ -14,9 +14,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import secrets
-import uuid as uuidlib
-from typing import Optional
 
 from vdtool.core.errors import CorruptImageError
 from vdtool.formats.vmdk.layout import MAX_DESCRIPTOR_BYTES, SECTOR
@@ -38,7 +35,7 @@ class ExtentLine:
 
     __slots__ = ("access", "sectors", "type", "filename", "offset")
 
-    def __init__(self, access: str, sectors: int, type: str, filename: Optional[str], offset: int):
+    def __init__(self, access: str, sectors: int, type: str, filename: str | None, offset: int):
         self.access = access
         self.sectors = sectors
         self.type = type
@@ -125,13 +122,13 @@ class Descriptor:
         return d
 
     # -- access --------------------------------------------------------------
-    def get(self, key: str, default: Optional[str] = None) -> Optional[str]:
+    def get(self, key: str, default: str | None = None) -> str | None:
         for kind, p in self.lines:
             if kind == "key" and p[0].lower() == key.lower():
                 return p[1]
         return default
 
-    def set(self, key: str, value: Optional[str], quoted: bool = True, after: Optional[str] = None) -> None:
+    def set(self, key: str, value: str | None, quoted: bool = True, after: str | None = None) -> None:
         """Replace a key's value in place, add it (after ``after`` or at the
         end), or with None remove it."""
         for i, (kind, p) in enumerate(self.lines):
@@ -178,7 +175,7 @@ class Descriptor:
 
 
 def new_descriptor(create_type: str, cid: int, parent_cid: int, extents: list, ddb: list,
-                   parent_hint: Optional[str] = None) -> Descriptor:
+                   parent_hint: str | None = None) -> Descriptor:
     d = Descriptor()
     L = d.lines
     L.append(("text", "# Disk DescriptorFile"))
@@ -223,7 +220,7 @@ def cid_text(v: str) -> str:
     return f"{int(v, 16):08x}" if is_hex32(v) else v
 
 
-def new_cid(old: Optional[int] = None) -> int:
+def new_cid(old: int | None = None) -> int:
     """A random CID, neither "no parent" nor ``old``."""
     while True:
         c = random.SystemRandom().getrandbits(32)
@@ -232,6 +229,8 @@ def new_cid(old: Optional[int] = None) -> int:
 
 
 def long_content_id(cid: int) -> str:
+    import secrets  # here: secrets brings hashlib, 4 ms of every vmdk info
+
     return secrets.token_hex(12) + f"{cid:08x}"
 
 
@@ -245,6 +244,8 @@ def renew_cid(desc: Descriptor) -> None:
     if desc.get("ddb.longContentID") is not None:
         desc.set("ddb.longContentID", long_content_id(cid))
     if desc.get("ddb.uuid.modification") is not None:
+        import uuid as uuidlib  # here: the uuid module costs 3 ms of start-up
+
         desc.set("ddb.uuid.modification", str(uuidlib.uuid4()))
 
 
