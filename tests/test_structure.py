@@ -125,6 +125,29 @@ def test_no_private_names_across_modules():
     assert not bad, "\n".join(bad)
 
 
+def _typing_imports(node):
+    """Line numbers of ``import typing`` / ``from typing import`` under
+    ``node`` that run: not inside an ``if TYPE_CHECKING:`` block."""
+    if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+        yield from (n for child in node.orelse for n in _typing_imports(child))
+        return
+    if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "typing" for a in node.names) or \
+            isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "typing":
+        yield node.lineno
+    for child in ast.iter_child_nodes(node):
+        yield from _typing_imports(child)
+
+
+def test_no_typing_at_run_time():
+    """Importing ``typing`` costs as much as the rest of ``vdtool info``'s
+    start-up: annotations are never evaluated (``from __future__ import
+    annotations``), so they use ``X | None`` and collections.abc, tuples are
+    collections.namedtuple, and the rest waits under ``TYPE_CHECKING =
+    False`` / ``if TYPE_CHECKING:`` (type checkers read it; nothing runs)."""
+    bad = [f"{mod}:{line}" for mod, (_, tree) in MODULES.items() for line in _typing_imports(tree)]
+    assert not bad, "typing imported at run time: " + ", ".join(bad)
+
+
 def _const_int(node):
     return node.value if isinstance(node, ast.Constant) and isinstance(node.value, int) else None
 

@@ -10,7 +10,6 @@ the GIL: vdtool.core.deflate) and is written in order."""
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from vdtool.core.backend import Cap, Status
 from vdtool.core.bytesutil import data_runs  # noqa: F401 -- also named here (the engine's zero test)
@@ -39,7 +38,7 @@ class CopyStats:
 
 
 def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool = False,
-               mark_zeros: bool = False, digest: Optional[ContentDigest] = None,
+               mark_zeros: bool = False, digest: ContentDigest | None = None,
                progress: Progress = NO_PROGRESS) -> CopyStats:
     """Copy what ``src`` (an ImageStack) shows into ``dst`` (an ImageStack whose
     top is the new image).  With ``base`` (a stack: the new image's parent)
@@ -126,7 +125,7 @@ class _Copier:
         self.digest = digest
         self.progress = progress
         self.stats = CopyStats()
-        self.compressed: Optional[_CompressedWriter] = None
+        self.compressed: _CompressedWriter | None = None
         self.mark_zeros = False
 
     def run(self) -> None:

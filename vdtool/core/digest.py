@@ -25,7 +25,6 @@ release the GIL on large inputs) while the main thread reads ahead."""
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from vdtool.core.backend import Status
 from vdtool.core.errors import UsageError
@@ -94,10 +93,10 @@ class ContentDigest:
         self._outer = self._new()
         self._group = None  # the hash of the group being filled
         self._in_group = 0  # block digests in it
-        self._zero_group: Optional[bytes] = None
+        self._zero_group: bytes | None = None
         self._tail = bytearray()  # the start of a block not complete yet
         self._length = 0
-        self._final: Optional[str] = None
+        self._final: str | None = None
 
     # -- bytes ---------------------------------------------------------------
     def update(self, data) -> None:
@@ -239,7 +238,7 @@ def _runs(stack, size: int):
 
 
 def digest_stack(stack, progress: Progress = NO_PROGRESS, size=None, *, algorithm: str = DEFAULT_ALGORITHM,
-                 workers: Optional[int] = None) -> str:
+                 workers: int | None = None) -> str:
     """The checksum of what ``stack`` shows (or of its first ``size``
     bytes).  Reads run here, block digests in ``workers`` threads."""
     d = ContentDigest(algorithm)

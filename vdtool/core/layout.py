@@ -17,7 +17,7 @@ The ``struct.Struct`` is made once per layout, not per call."""
 from __future__ import annotations
 
 import struct
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 
 class Record:
@@ -104,7 +104,7 @@ class Layout:
         """A record with every field zero (or empty bytes) but those given."""
         return self.record(**values)
 
-    def pack(self, rec: Optional[Record] = None, **values) -> bytes:
+    def pack(self, rec: Record | None = None, **values) -> bytes:
         if rec is None:
             rec = self.record(**values)
         elif values:

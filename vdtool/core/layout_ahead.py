@@ -26,13 +26,12 @@ convert writes the whole image into a temporary file instead."""
 from __future__ import annotations
 
 import bisect
-from typing import Optional
 
 from vdtool.core.errors import VdError
 from vdtool.core.fileio import ImageFile
 
 
-def buffer_address(view) -> Optional[int]:
+def buffer_address(view) -> int | None:
     """Where a writable buffer's first byte is in memory (None for a
     read-only or empty buffer)."""
     import ctypes  # here: only convert to a stream needs it
@@ -51,10 +50,10 @@ class DataMap:
     def __init__(self):
         self.hosts: list = []
         self.ranges: list = []  # (host, length, voff)
-        self.current: Optional[tuple] = None  # (address, length, voff) of the buffer being written
+        self.current: tuple | None = None  # (address, length, voff) of the buffer being written
         self.noted_bytes = 0
 
-    def source_offset(self, view) -> Optional[int]:
+    def source_offset(self, view) -> int | None:
         """The disk offset ``view`` holds if it is a slice of the buffer
         being written, else None."""
         cur = self.current

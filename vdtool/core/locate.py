@@ -14,7 +14,7 @@ extension says they could be one."""
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 MAX_ENTRIES_PER_DIR = 4096
 MAX_REGISTRY_BYTES = 16 << 20
@@ -22,7 +22,7 @@ _seen_registries: list = []  # registry files met in this process, newest last
 _UUID_EXTS = {".vmdk", ".vhd", ".vhdx", ".hdd", ".hds"}
 
 
-def _norm(u) -> Optional[str]:
+def _norm(u) -> str | None:
     try:
         import uuid  # here, not at the top: the stack imports this module at every start
 
@@ -31,7 +31,7 @@ def _norm(u) -> Optional[str]:
         return None
 
 
-def vdi_uuid(path: str) -> Optional[str]:
+def vdi_uuid(path: str) -> str | None:
     """The image UUID of a VDI file from its header alone (None if not a VDI)."""
     from vdtool.core import registry
 
@@ -43,7 +43,7 @@ def vdi_uuid(path: str) -> Optional[str]:
     return registry.layout_module("vdi").image_uuid(head)
 
 
-def _image_uuid(path: str, opener: Callable) -> Optional[str]:
+def _image_uuid(path: str, opener: Callable) -> str | None:
     u = vdi_uuid(path)
     if u is not None:
         return u
@@ -120,7 +120,7 @@ def search_folders(child_path: str, search_dirs=()) -> list:
     return folders
 
 
-def find_by_uuid(child_path: str, ref, search_dirs=(), *, opener: Callable) -> Optional[str]:
+def find_by_uuid(child_path: str, ref, search_dirs=(), *, opener: Callable) -> str | None:
     """The file holding the image whose UUID ``ref.uuid`` names, or None.
     ``opener(path)`` opens a candidate image (one, no parents) to read its
     UUID where the header alone does not tell; the stack passes its
@@ -164,7 +164,7 @@ def find_by_uuid(child_path: str, ref, search_dirs=(), *, opener: Callable) -> O
     return None
 
 
-def find_by_identity(child_path: str, ref, search_dirs, *, opener: Callable) -> Optional[str]:
+def find_by_identity(child_path: str, ref, search_dirs, *, opener: Callable) -> str | None:
     """A parent named by a file name that is not where the name says, found
     in the ``search_dirs`` (``--parent-search``) by the identity the child
     recorded: the UUID (VHD), else every attribute of

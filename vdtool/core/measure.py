@@ -8,8 +8,6 @@ one convert would write."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import MeasureSource, Status
 from vdtool.core.bytesutil import align_up, ceil_div
 from vdtool.core.copy import data_runs
@@ -66,7 +64,7 @@ class StackSource(MeasureSource):
             pos = max(pos + n, end)
         return count
 
-    def bitmaps_size(self, cluster_size: int) -> Optional[int]:
+    def bitmaps_size(self, cluster_size: int) -> int | None:
         """qemu's estimate: every bitmap wholly allocated, its table, and the
         directory, each rounded up to clusters of the new image."""
         top = self.stack.top

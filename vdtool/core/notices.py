@@ -3,13 +3,13 @@ an image's folder) that the CLI prints as one line on stderr."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
-_handler: Optional[Callable[[str], None]] = None
+_handler: Callable[[str], None] | None = None
 recent: list = []  # the last notices given, for tests and the Python API
 
 
-def set_notice_handler(fn: Optional[Callable[[str], None]]) -> None:
+def set_notice_handler(fn: Callable[[str], None] | None) -> None:
     """The CLI prints notices as ``vdtool: warning: ...`` on stderr."""
     global _handler
     _handler = fn

@@ -8,13 +8,13 @@ below 100 until ``finish()``."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 ProgressCallback = Callable[[float, int, int], None]
 
 
 class Progress:
-    def __init__(self, callback: Optional[ProgressCallback] = None, start: float = 0.0, span: float = 100.0,
+    def __init__(self, callback: ProgressCallback | None = None, start: float = 0.0, span: float = 100.0,
                  _root: "Progress | None" = None):
         self.callback = callback
         self.start = start

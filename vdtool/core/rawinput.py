@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import Status
 from vdtool.core.errors import VdError
 from vdtool.core.streams import STDIN_NAME, stdin
@@ -20,7 +18,7 @@ class RawInput:
     layers = ()
     missing_parent = None
 
-    def __init__(self, size: Optional[int]):
+    def __init__(self, size: int | None):
         self._in = stdin()
         if self._in.spool is not None:
             raise VdError("standard input was already read", STDIN_NAME)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Optional
 
 from vdtool.core.bytesutil import ZERO_BUFFER, zeros
 from vdtool.core.errors import VdError
@@ -30,7 +29,7 @@ _SEND_PIECE = 8 << 20  # per sendfile call: a stop signal is seen between calls
 _NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EXDEV}
 
 
-def target_kind(path: str) -> Optional[str]:
+def target_kind(path: str) -> str | None:
     """'stream' or 'device' for a destination written in place, None for a
     regular (or new) file.  A symlink is judged by what it points to."""
     if path == STDOUT_NAME:

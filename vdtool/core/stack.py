@@ -9,7 +9,6 @@ lower images are opened read-only unless an op reopens one to write into it."""
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from vdtool.core import locate
 from vdtool.core.backend import ImageBackend, ParentRef, Status
@@ -20,7 +19,7 @@ MAX_CHAIN_DEPTH = 64
 _ZERO_CHUNK = bytes(1 << 20)
 
 
-def _plain_fd(layer) -> Optional[int]:
+def _plain_fd(layer) -> int | None:
     """The descriptor of ``layer``'s own local file (its data stored as
     is), or None: a remote file, or an image whose data lives elsewhere."""
     f = getattr(layer, "file", None)
@@ -34,7 +33,7 @@ class ImageStack:
         if not layers:
             raise ValueError("an ImageStack needs at least one image")
         self.layers: list = layers  # base first
-        self.missing_parent: Optional[ParentRef] = None  # set when opened with allow_missing_parent
+        self.missing_parent: ParentRef | None = None  # set when opened with allow_missing_parent
         self.missing_reason: str = ""
         self.warnings: list = []  # set by open_image: notices about probing and references
         self._wire()
@@ -72,7 +71,7 @@ class ImageStack:
         return len(self.layers)
 
     # -- reading -------------------------------------------------------------
-    def block_status(self, offset: int, length: int, *, top: Optional[int] = None, bottom: int = 0) -> tuple:
+    def block_status(self, offset: int, length: int, *, top: int | None = None, bottom: int = 0) -> tuple:
         """(status, n, level) for the run at ``offset`` looking from layer
         ``top`` (default: the top) down to layer ``bottom``.  ``level`` is the
         layer that decided (-1 when no layer holds the range: zeros, or the
@@ -207,7 +206,7 @@ def _zeros(n: int):
 
 # -- opening --------------------------------------------------------------------
 
-def resolve_parent_path(child_path: str, ref: ParentRef, search_dirs=()) -> Optional[str]:
+def resolve_parent_path(child_path: str, ref: ParentRef, search_dirs=()) -> str | None:
     """Where the parent named by ``ref`` lives.
 
     Names are tried in order: ``ref.filename`` then ``ref.extra["candidates"]``
@@ -246,7 +245,7 @@ def resolve_parent_path(child_path: str, ref: ParentRef, search_dirs=()) -> Opti
     return candidates[0] if candidates else None
 
 
-def check_parent_identity(child, parent, ref: ParentRef) -> Optional[str]:
+def check_parent_identity(child, parent, ref: ParentRef) -> str | None:
     """Why ``parent`` is not the image ``ref`` names, or None when it is.
     Compares the UUID, then every attribute in ``ref.extra["expect"]``
     (VDI's modification UUID, VMDK's CID, VHD's timestamp...)."""
@@ -259,9 +258,9 @@ def check_parent_identity(child, parent, ref: ParentRef) -> Optional[str]:
     return None
 
 
-def open_backend(path: str, fmt: Optional[str] = None, *, writable: bool = False,
-                 options: Optional[dict] = None, untrusted: bool = False, force_share: bool = False,
-                 warnings: Optional[list] = None) -> ImageBackend:
+def open_backend(path: str, fmt: str | None = None, *, writable: bool = False,
+                 options: dict | None = None, untrusted: bool = False, force_share: bool = False,
+                 warnings: list | None = None) -> ImageBackend:
     """One image, no parents.  ``options`` go to the backend's open (e.g.
     ``{"repair": True}`` lets check -r open an image marked corrupt).
 
@@ -324,7 +323,7 @@ def open_backend(path: str, fmt: Optional[str] = None, *, writable: bool = False
     return img
 
 
-def open_image(path: str, fmt: Optional[str] = None, *, writable: bool = False, parent_search=(),
+def open_image(path: str, fmt: str | None = None, *, writable: bool = False, parent_search=(),
                force: bool = False, allow_missing_parent: bool = False, chain: bool = True,
                untrusted: bool = False, force_share: bool = False,
                allow_mismatch: bool = False) -> ImageStack:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Optional
 
 from vdtool.core.errors import VdError
 
@@ -33,7 +32,7 @@ class _Stdin:
 
     def __init__(self, fd: int = 0):
         self.fd = fd
-        self._head: Optional[bytes] = None
+        self._head: bytes | None = None
         self.consumed = 0  # bytes read from the descriptor so far
         self.spool = None  # the TemporaryFile once spooled
         self.spooled_size = 0
@@ -104,7 +103,7 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-_STDIN: Optional[_Stdin] = None
+_STDIN: _Stdin | None = None
 
 
 def stdin() -> _Stdin:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Optional
 
 from vdtool.core.errors import VdError
 
@@ -97,7 +96,7 @@ def first_sector_signatures(head: bytes) -> list:
     return found
 
 
-def raw_warning(path: str, probed: bool, data=None) -> Optional[str]:
+def raw_warning(path: str, probed: bool, data=None) -> str | None:
     """A warning for an image about to be read as raw whose content looks
     like another format (None when it does not).  ``data``: the file's
     probe data (vdtool.core.registry.ProbeData), when already read."""
@@ -118,7 +117,7 @@ def raw_warning(path: str, probed: bool, data=None) -> Optional[str]:
             f"(the bytes are the disk's content)")
 
 
-def choose_format(path: str, fmt: Optional[str], data=None) -> str:
+def choose_format(path: str, fmt: str | None, data=None) -> str:
     """The format to open ``path`` as under --untrusted, or UntrustedImage."""
     from vdtool.core import registry
 
@@ -209,7 +208,7 @@ def merge_findings(*lists) -> list:
     return dedup
 
 
-def outside_folder(name: str, base_dir: str, own_dir: str) -> Optional[str]:
+def outside_folder(name: str, base_dir: str, own_dir: str) -> str | None:
     """The absolute path a reference names when it lies outside ``base_dir``
     (None when inside, or when it names a UUID rather than a file)."""
     if not name or name.startswith("{"):

@@ -9,7 +9,6 @@ file: an absolute path, a Windows drive path or another scheme (``file:``,
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 from vdtool.core.errors import VdError
 from vdtool.core.fileio import is_url
@@ -22,7 +21,7 @@ class LocalReference(VdError):
     """A remote image names a local file."""
 
 
-def why_local(name: str) -> Optional[str]:
+def why_local(name: str) -> str | None:
     """Why ``name``, found in a remote image, would be a local file (or
     another scheme than http/https); None when it is relative or a URL."""
     if is_url(name):
@@ -50,7 +49,7 @@ def join(base_url: str, name: str, what: str = "parent") -> str:
     return urljoin(base_url, quote(name.replace("\\", "/"), safe="/"))
 
 
-def parent_url(child_url: str, names: list) -> Optional[str]:
+def parent_url(child_url: str, names: list) -> str | None:
     """The URL of a remote image's parent from its recorded names, best
     first (VHD records an absolute and a relative one): the first that can
     be resolved against ``child_url``.  None without names; LocalReference

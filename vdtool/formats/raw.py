@@ -3,8 +3,6 @@ convert, discard, resize); block_status comes from SEEK_DATA/SEEK_HOLE."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import Cap, ImageBackend, MapExtent, ParentSpec, Status
 from vdtool.core.bytesutil import is_zero
 from vdtool.core.errors import NotSupported, UsageError, VdError
@@ -30,8 +28,8 @@ class RawBackend(ImageBackend):
         return 1
 
     @classmethod
-    def create(cls, path: str, size: int, *, variant: Optional[str] = None, block_size: Optional[int] = None,
-               parent: Optional[ParentSpec] = None, options: Optional[dict] = None,
+    def create(cls, path: str, size: int, *, variant: str | None = None, block_size: int | None = None,
+               parent: ParentSpec | None = None, options: dict | None = None,
                progress: Progress = NO_PROGRESS) -> "RawBackend":
         variant = variant or "sparse"
         if variant not in cls.variants:
@@ -52,8 +50,8 @@ class RawBackend(ImageBackend):
         return cls(f)
 
     @classmethod
-    def measure(cls, size: int, source, *, variant: Optional[str] = None, block_size: Optional[int] = None,
-                options: Optional[dict] = None) -> dict:
+    def measure(cls, size: int, source, *, variant: str | None = None, block_size: int | None = None,
+                options: dict | None = None) -> dict:
         """A raw file is the disk, allocated or not; qemu-img keeps whole
         sectors for a new disk of a given size."""
         options = dict(options or {})

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.errors import NotSupported, VdError
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.core.stack import open_backend
@@ -38,7 +36,7 @@ def parse_pairs(items) -> dict:
     return out
 
 
-def amend(path: str, options, fmt: Optional[str] = None, *, force: bool = False, untrusted: bool = False,
+def amend(path: str, options, fmt: str | None = None, *, force: bool = False, untrusted: bool = False,
           progress: Progress = NO_PROGRESS) -> dict:
     """Apply ``options`` ({key: value}, or ``-o`` strings) to the image
     ``path`` in place.  Returns ``{"filename", "format", "changes":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import CheckResult
 from vdtool.core.errors import ChainError, UsageError, VdError
 from vdtool.core.progress import NO_PROGRESS, Progress
@@ -12,7 +10,7 @@ from vdtool.core.stack import open_backend, open_image
 EXIT_NO_CHECK = 63
 
 
-def check(path: str, fmt: Optional[str] = None, *, repair: Optional[str] = None, parent_search=(),
+def check(path: str, fmt: str | None = None, *, repair: str | None = None, parent_search=(),
           force: bool = False, untrusted: bool = False, force_share: bool = False,
           progress: Progress = NO_PROGRESS) -> CheckResult:
     if repair not in (None, "leaks", "all"):
@@ -33,7 +31,7 @@ def check(path: str, fmt: Optional[str] = None, *, repair: Optional[str] = None,
     return result
 
 
-def _check_chain(result: CheckResult, path: str, fmt: Optional[str], parent_search, force: bool,
+def _check_chain(result: CheckResult, path: str, fmt: str | None, parent_search, force: bool,
                  force_share: bool) -> None:
     """The chain must open too: a parent that is gone, or is not the image
     the child recorded (VDI UUID, VMDK CID, VHD UUID and time stamp), is a

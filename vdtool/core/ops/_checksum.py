@@ -4,17 +4,15 @@ the construction)."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.digest import ALGORITHMS, DEFAULT_ALGORITHM, digest_stack
 from vdtool.core.errors import UsageError
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.core.stack import open_image
 
 
-def checksum(path: str, fmt: Optional[str] = None, *, algorithm: str = DEFAULT_ALGORITHM, parent_search=(),
+def checksum(path: str, fmt: str | None = None, *, algorithm: str = DEFAULT_ALGORITHM, parent_search=(),
              force: bool = False, untrusted: bool = False, force_share: bool = False,
-             workers: Optional[int] = None, progress: Progress = NO_PROGRESS) -> dict:
+             workers: int | None = None, progress: Progress = NO_PROGRESS) -> dict:
     """``{"filename", "algorithm", "checksum", "virtual-size"}`` of the disk
     ``path`` shows, its chain of parents included."""
     if algorithm not in ALGORITHMS:

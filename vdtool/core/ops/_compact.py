@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import Cap
 from vdtool.core.errors import NotSupported
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.core.stack import open_image
 
 
-def compact(path: str, fmt: Optional[str] = None, *, parent_search=(), force: bool = False,
+def compact(path: str, fmt: str | None = None, *, parent_search=(), force: bool = False,
             untrusted: bool = False, progress: Progress = NO_PROGRESS) -> dict:
     """Returns ``{"filename", "before", "after"}`` (bytes on disk)."""
     stack = open_image(path, fmt, writable=True, parent_search=parent_search, force=force,

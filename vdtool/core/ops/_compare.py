@@ -10,7 +10,6 @@ that differs, as qemu-img reports them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from vdtool.core.errors import VdError
 from vdtool.core.ops._map import status_at
@@ -24,12 +23,12 @@ CHUNK = 4 << 20  # bytes read per side at a time
 @dataclass
 class CompareResult:
     identical: bool
-    first_difference: Optional[int]  # None when identical (or the sizes differ in strict mode)
+    first_difference: int | None  # None when identical (or the sizes differ in strict mode)
     size_a: int
     size_b: int
     strict: bool = False
     # "content", "block-status" (strict), "size" (strict), or None
-    reason: Optional[str] = None
+    reason: str | None = None
     messages: list = field(default_factory=list)  # qemu-img's lines, in order
 
     @property
@@ -111,7 +110,7 @@ class _Side:
         return self.bits, min(self.end, limit) - offset
 
 
-def _first_diff(b1, b2, n: int) -> Optional[int]:
+def _first_diff(b1, b2, n: int) -> int | None:
     """Index of the first differing byte of the first ``n`` bytes, or None."""
     if b1[:n] == b2[:n]:
         return None
@@ -119,7 +118,7 @@ def _first_diff(b1, b2, n: int) -> Optional[int]:
     return ((x & -x).bit_length() - 1) // 8
 
 
-def _first_nonzero(buf, n: int) -> Optional[int]:
+def _first_nonzero(buf, n: int) -> int | None:
     view = bytes(buf[:n])
     rest = len(view.lstrip(b"\0"))
     return None if rest == 0 else n - rest
@@ -137,7 +136,7 @@ def compare_stacks(a: ImageStack, b: ImageStack, *, strict: bool = False,
     res = CompareResult(True, None, size_a, size_b, strict)
     total = max(size_a, size_b)
 
-    def differ(offset: Optional[int], reason: str, message: str) -> CompareResult:
+    def differ(offset: int | None, reason: str, message: str) -> CompareResult:
         res.identical, res.first_difference, res.reason = False, offset, reason
         res.messages.append(message)
         return res
@@ -195,7 +194,7 @@ def compare_stacks(a: ImageStack, b: ImageStack, *, strict: bool = False,
     return res
 
 
-def compare(path_a: str, path_b: str, fmt_a: Optional[str] = None, fmt_b: Optional[str] = None, *,
+def compare(path_a: str, path_b: str, fmt_a: str | None = None, fmt_b: str | None = None, *,
             strict: bool = False, parent_search=(), force: bool = False, untrusted: bool = False,
             force_share: bool = False, progress: Progress = NO_PROGRESS) -> CompareResult:
     """qemu-img compare: whether ``path_a`` and ``path_b`` (each with its

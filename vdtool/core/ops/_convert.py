@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 from vdtool.core.backend import Cap
 from vdtool.core.copy import copy_stack
@@ -26,20 +25,20 @@ class ConvertResult:
     filename: str
     format: str
     virtual_size: int
-    source_digest: Optional[str] = None
-    output_digest: Optional[str] = None
+    source_digest: str | None = None
+    output_digest: str | None = None
     written_bytes: int = 0
 
 
 PREALLOCATED_VARIANTS = {"full", "fixed", "metadata", "monolithicFlat", "twoGbMaxExtentFlat", "vmfs"}
 
 
-def convert(src: str, dst: str, *, src_format: Optional[str] = None, fmt: Optional[str] = None,
-            variant: Optional[str] = None, block_size: Optional[int] = None, compress: bool = False,
-            parent: Optional[str] = None, parent_format: Optional[str] = None, options: Optional[dict] = None,
+def convert(src: str, dst: str, *, src_format: str | None = None, fmt: str | None = None,
+            variant: str | None = None, block_size: int | None = None, compress: bool = False,
+            parent: str | None = None, parent_format: str | None = None, options: dict | None = None,
             verify: bool = False, force: bool = False, parent_search=(), force_share: bool = False,
-            untrusted: bool = False, sync: Optional[bool] = None, no_create: bool = False,
-            target_is_zero: bool = False, size: Optional[int] = None,
+            untrusted: bool = False, sync: bool | None = None, no_create: bool = False,
+            target_is_zero: bool = False, size: int | None = None,
             progress: Progress = NO_PROGRESS) -> ConvertResult:
     """``sync``: True fsyncs the new image (and its folder) before returning,
     so it survives a power cut; False leaves it to the kernel's writeback,
@@ -114,15 +113,15 @@ class _NewImage:
 
     backend: object
     name: str
-    variant: Optional[str]
-    block_size: Optional[int]
+    variant: str | None
+    block_size: int | None
     options: dict
     compress: bool
-    parent: Optional[str]
-    parent_format: Optional[str]
+    parent: str | None
+    parent_format: str | None
 
 
-def _open_source(src: str, fmt: Optional[str], size: Optional[int], raw_out: bool, **open_args):
+def _open_source(src: str, fmt: str | None, size: int | None, raw_out: bool, **open_args):
     """The source stack.  Raw input from standard input is streamed when its
     size is known ahead (``--size``) or the output is raw on a stream too;
     everything else from standard input is read into a temporary file."""
@@ -388,7 +387,7 @@ def _readable_twice(source) -> bool:
 
 
 def _planned_into_target(source, target, new: _NewImage, target_is_zero: bool,
-                         progress: Progress) -> Optional[ConvertResult]:
+                         progress: Progress) -> ConvertResult | None:
     """The image made in a shadow that keeps its tables and notes where its
     data goes, then sent with the data read again (layout_ahead.py); None
     when the format's writer read data back (then it is spooled instead)."""
@@ -507,7 +506,7 @@ def _deliver_range(fd: int, pos: int, total: int, target, mark_holes: bool, prog
 
 # -- -n: into an existing image ----------------------------------------------------
 
-def _convert_into_existing(src: str, dst: str, kind: Optional[str], *, src_format, fmt, compress: bool, parent,
+def _convert_into_existing(src: str, dst: str, kind: str | None, *, src_format, fmt, compress: bool, parent,
                            verify: bool, target_is_zero: bool, sync, size, open_args: dict,
                            progress: Progress) -> ConvertResult:
     """qemu-img's -n: DST exists and is written into (as the format -O names,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core import registry
 from vdtool.core.backend import Cap, ParentSpec
 from vdtool.core.errors import NotSupported, UsageError, VdError
@@ -13,9 +11,9 @@ from vdtool.core.ops.common import (backend_for_new_image, open_parent, output_f
 from vdtool.core.progress import NO_PROGRESS, Progress
 
 
-def create(path: str, size: Optional[int] = None, *, fmt: Optional[str] = None, variant: Optional[str] = None,
-           block_size: Optional[int] = None, parent: Optional[str] = None, parent_format: Optional[str] = None,
-           uuid: Optional[str] = None, comment: Optional[str] = None, options: Optional[dict] = None,
+def create(path: str, size: int | None = None, *, fmt: str | None = None, variant: str | None = None,
+           block_size: int | None = None, parent: str | None = None, parent_format: str | None = None,
+           uuid: str | None = None, comment: str | None = None, options: dict | None = None,
            force: bool = False, parent_search=(), untrusted: bool = False, unsafe: bool = False,
            progress: Progress = NO_PROGRESS) -> dict:
     """Create ``path``; returns ``{"filename", "format", "virtual-size"}``.
@@ -70,8 +68,8 @@ def create(path: str, size: Optional[int] = None, *, fmt: Optional[str] = None, 
             pstack.close()
 
 
-def _unopened_parent(backend, name: str, parent: Optional[str], parent_format: Optional[str],
-                     size: Optional[int]) -> ParentSpec:
+def _unopened_parent(backend, name: str, parent: str | None, parent_format: str | None,
+                     size: int | None) -> ParentSpec:
     """The parent of ``create -u``, recorded as given without opening it."""
     if not parent or not parent_format or size is None:
         raise UsageError("-u/--unsafe needs the parent (-b), its format (-F) and a size: the parent is not opened")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import Status
 from vdtool.core.errors import UsageError
 from vdtool.core.progress import NO_PROGRESS, Progress
@@ -18,7 +16,7 @@ def parse_range(text: str) -> tuple:
     return parse_size(off), parse_size(length)
 
 
-def discard(path: str, ranges=(), *, zeroes: bool = False, fmt: Optional[str] = None, parent_search=(),
+def discard(path: str, ranges=(), *, zeroes: bool = False, fmt: str | None = None, parent_search=(),
             force: bool = False, untrusted: bool = False, progress: Progress = NO_PROGRESS) -> dict:
     """``ranges``: (offset, length) pairs or 'OFFSET:LENGTH' strings.
     Returns ``{"filename", "discarded-bytes"}``."""

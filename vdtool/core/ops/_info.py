@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from vdtool.core.fileio import is_url
 from vdtool.core.registry import canonical_name, qemu_driver_name
 from vdtool.core.stack import check_parent_identity, open_image
 
 
-def image_info(layer, parent_path: Optional[str] = None, parent_found: Optional[bool] = None,
-               shown_name: Optional[str] = None) -> dict:
+def image_info(layer, parent_path: str | None = None, parent_found: bool | None = None,
+               shown_name: str | None = None) -> dict:
     """One image's facts under qemu-img's keys (same names, types and values
     where qemu-img reports the same fact), vdtool's own keys beside them.
     ``shown_name``: the file name as qemu-img shows it (as given on the
@@ -49,7 +48,7 @@ def image_info(layer, parent_path: Optional[str] = None, parent_found: Optional[
     return d
 
 
-def _parent_keys(d: dict, layer, ref, name: str, parent_path: Optional[str], parent_found: Optional[bool]) -> None:
+def _parent_keys(d: dict, layer, ref, name: str, parent_path: str | None, parent_found: bool | None) -> None:
     if ref.filename:
         d["backing-filename"] = ref.filename
         d["full-backing-filename"] = full_backing_name(name, ref.filename)
@@ -79,7 +78,7 @@ def full_backing_name(child_name: str, backing: str) -> str:
     return os.path.join(folder, backing) if folder else backing
 
 
-def info(path: str, fmt: Optional[str] = None, *, chain: bool = False, parent_search=(),
+def info(path: str, fmt: str | None = None, *, chain: bool = False, parent_search=(),
          force: bool = False, untrusted: bool = False, force_share: bool = False):
     """One image's facts (a dict), or with ``chain`` a list of them from
     ``path`` down to the base image, as ``qemu-img info --backing-chain``."""

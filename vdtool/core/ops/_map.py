@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 from vdtool.core.backend import Status
 from vdtool.core.errors import UsageError, VdError
@@ -25,8 +25,8 @@ class MapEntry:
     zero: bool
     data: bool
     compressed: bool = False
-    offset: Optional[int] = None
-    filename: Optional[str] = None
+    offset: int | None = None
+    filename: str | None = None
 
     def to_json(self) -> dict:
         d = {"start": self.start, "length": self.length, "depth": self.depth, "present": self.present,
@@ -76,7 +76,7 @@ def display_names(stack: ImageStack, path: str) -> list:
     return names
 
 
-def _display_file(file: Optional[str], layer, name: str) -> str:
+def _display_file(file: str | None, layer, name: str) -> str:
     """The file a host offset is in, named as the layer is named (a VMDK
     extent file beside its descriptor keeps the descriptor's folder)."""
     if file is None or file == layer.path:
@@ -86,7 +86,7 @@ def _display_file(file: Optional[str], layer, name: str) -> str:
     return file
 
 
-def status_at(stack: ImageStack, offset: int, length: int, names: Optional[list] = None) -> MapEntry:
+def status_at(stack: ImageStack, offset: int, length: int, names: list | None = None) -> MapEntry:
     """qemu-img's get_block_status: walk down from the top while the range
     is unallocated; a layer with no parent, or whose parent ends before
     ``offset``, reads as zeros that are not present.  ``names``: the
@@ -118,8 +118,8 @@ def status_at(stack: ImageStack, offset: int, length: int, names: Optional[list]
         level -= 1
 
 
-def map_entries(stack: ImageStack, start: int = 0, max_length: Optional[int] = None,
-                path: Optional[str] = None) -> Iterator[MapEntry]:
+def map_entries(stack: ImageStack, start: int = 0, max_length: int | None = None,
+                path: str | None = None) -> Iterator[MapEntry]:
     """The merged entries of qemu-img map for ``[start, start+max_length)``
     of the stack's disk (clipped to its size)."""
     size = stack.virtual_size
@@ -143,7 +143,7 @@ def map_entries(stack: ImageStack, start: int = 0, max_length: Optional[int] = N
         yield curr
 
 
-def map(path: str, fmt: Optional[str] = None, *, start: int = 0, max_length: Optional[int] = None,
+def map(path: str, fmt: str | None = None, *, start: int = 0, max_length: int | None = None,
         parent_search=(), force: bool = False, untrusted: bool = False, force_share: bool = False) -> list:
     """qemu-img map as a list of MapEntry (``.to_json()`` gives qemu-img's
     keys plus ``compressed``)."""

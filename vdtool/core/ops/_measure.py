@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core import registry
 from vdtool.core.errors import UsageError, VdError
 from vdtool.core.measure import StackSource
@@ -11,9 +9,9 @@ from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.core.stack import open_image
 
 
-def measure(image: Optional[str] = None, *, size: Optional[int] = None, fmt: str = "raw",
-            src_format: Optional[str] = None, variant: Optional[str] = None, block_size: Optional[int] = None,
-            options: Optional[dict] = None, parent_search=(), force: bool = False, force_share: bool = False,
+def measure(image: str | None = None, *, size: int | None = None, fmt: str = "raw",
+            src_format: str | None = None, variant: str | None = None, block_size: int | None = None,
+            options: dict | None = None, parent_search=(), force: bool = False, force_share: bool = False,
             untrusted: bool = False, progress: Progress = NO_PROGRESS) -> dict:
     """The file size a new ``fmt`` image would take: for an empty disk of
     ``size`` bytes, or for ``convert`` of ``image`` (its chain flattened).

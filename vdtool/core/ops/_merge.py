@@ -5,7 +5,6 @@ reference changes; files are deleted only after everything else succeeded."""
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from vdtool.core.backend import Cap, Status
 from vdtool.core.errors import NotSupported, UsageError, VdError
@@ -16,7 +15,7 @@ from vdtool.core.stack import ImageStack, open_image
 CHUNK = 4 << 20
 
 
-def _base_index(stack: ImageStack, base: Optional[str], default: int) -> int:
+def _base_index(stack: ImageStack, base: str | None, default: int) -> int:
     if base is None:
         return default
     for i, layer in enumerate(stack.layers):
@@ -67,8 +66,8 @@ def _copy_layers(stack: ImageStack, target, lo: int, hi: int, progress: Progress
     return moved
 
 
-def merge(image: str, *, into: str = "parent", base: Optional[str] = None, keep: bool = False,
-          fmt: Optional[str] = None, parent_search=(), force: bool = False, untrusted: bool = False,
+def merge(image: str, *, into: str = "parent", base: str | None = None, keep: bool = False,
+          fmt: str | None = None, parent_search=(), force: bool = False, untrusted: bool = False,
           progress: Progress = NO_PROGRESS) -> dict:
     """Returns ``{"target", "deleted": [...], "warnings": [...]}``."""
     if into not in ("parent", "child"):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import Cap, Status
 from vdtool.core.errors import NotSupported, UsageError
 from vdtool.core.ops.common import open_parent, parent_spec, write_explicit_zeroes
@@ -11,8 +9,8 @@ from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.core.stack import ImageStack, open_image
 
 
-def rebase(image: str, new_parent: Optional[str], *, parent_format: Optional[str] = None, unsafe: bool = False,
-           fmt: Optional[str] = None, parent_search=(), force: bool = False, untrusted: bool = False,
+def rebase(image: str, new_parent: str | None, *, parent_format: str | None = None, unsafe: bool = False,
+           fmt: str | None = None, parent_search=(), force: bool = False, untrusted: bool = False,
            progress: Progress = NO_PROGRESS) -> dict:
     """``new_parent`` None or "" makes the image stand alone."""
     stack = open_image(image, fmt, writable=True, parent_search=parent_search, force=force or unsafe,
@@ -50,7 +48,7 @@ def _same(a: str, b: str) -> bool:
         return False
 
 
-def _copy_differences(stack: ImageStack, newp: Optional[ImageStack], progress: Progress) -> None:
+def _copy_differences(stack: ImageStack, newp: ImageStack | None, progress: Progress) -> None:
     """Where the top holds nothing and the old and new parents differ, copy
     the old parent's data into the top."""
     top = stack.top

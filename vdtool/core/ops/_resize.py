@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import Cap, Status
 from vdtool.core.errors import NotSupported, UsageError
 from vdtool.core.progress import NO_PROGRESS, Progress
@@ -24,7 +22,7 @@ def allocated_in(stack, start: int, end: int) -> int:
     return total
 
 
-def resize(path: str, size, fmt: Optional[str] = None, *, shrink: bool = False, parent_search=(),
+def resize(path: str, size, fmt: str | None = None, *, shrink: bool = False, parent_search=(),
            force: bool = False, untrusted: bool = False, progress: Progress = NO_PROGRESS) -> dict:
     """``size``: bytes, or a string SIZE / +SIZE / -SIZE.  Returns
     ``{"filename", "old-size", "new-size", "lost-allocated-bytes"}``."""

@@ -4,15 +4,13 @@ backing file is not needed, as qemu-img opens it without)."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.errors import UsageError
 from vdtool.core.stack import open_backend
 
 ACTIONS = ("list", "create", "apply", "delete")
 
 
-def snapshot(path: str, action: str = "list", name: Optional[str] = None, fmt: Optional[str] = None, *,
+def snapshot(path: str, action: str = "list", name: str | None = None, fmt: str | None = None, *,
              force_share: bool = False, force: bool = False, untrusted: bool = False) -> dict:
     """``action`` list (``name`` unused), create, apply or delete.  Returns
     ``{"filename", "format", "snapshots"}`` for list (``snapshots`` None when

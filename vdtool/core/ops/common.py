@@ -8,7 +8,6 @@ import shutil
 import stat
 import tempfile
 from contextlib import contextmanager
-from typing import Optional
 
 from vdtool.core import registry
 from vdtool.core.backend import ParentSpec, relative_parent_name
@@ -16,7 +15,7 @@ from vdtool.core.errors import UsageError, VdError
 from vdtool.core.stack import ImageStack, open_image
 
 
-def output_format(path: str, fmt: Optional[str]) -> str:
+def output_format(path: str, fmt: str | None) -> str:
     """The format of a new image: as named, else by the file's extension."""
     if fmt:
         return registry.canonical_name(fmt)
@@ -27,7 +26,7 @@ def output_format(path: str, fmt: Optional[str]) -> str:
                      f"(formats: {', '.join(registry.ALL_FORMATS)})")
 
 
-def backend_for_new_image(path: str, fmt: str, variant: Optional[str]):
+def backend_for_new_image(path: str, fmt: str, variant: str | None):
     backend = registry.get_backend(fmt, path)
     if variant is not None and variant not in backend.variants:
         raise UsageError(f"{fmt} has no variant {variant!r}; choose from {', '.join(backend.variants)}")
@@ -201,13 +200,13 @@ def parent_spec(child_final_path: str, parent_stack: ImageStack) -> ParentSpec:
     )
 
 
-def open_parent(path: str, fmt: Optional[str], parent_search=(), force: bool = False,
+def open_parent(path: str, fmt: str | None, parent_search=(), force: bool = False,
                 untrusted: bool = False, force_share: bool = False) -> ImageStack:
     return open_image(path, fmt, writable=False, parent_search=parent_search, force=force, untrusted=untrusted,
                       force_share=force_share)
 
 
-def stack_over(parent: Optional[ImageStack], new_top) -> ImageStack:
+def stack_over(parent: ImageStack | None, new_top) -> ImageStack:
     """A stack of the new image on its parent's layers (owned by ``parent``)."""
     return ImageStack((list(parent.layers) if parent else []) + [new_top])
 

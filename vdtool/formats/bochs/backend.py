@@ -5,8 +5,6 @@ so the stack shows the base under the sectors the journal lacks."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import Cap, ImageBackend, MapExtent, ParentRef
 from vdtool.core.errors import UnsupportedFeature
 from vdtool.core.fileio import ImageFile
@@ -25,7 +23,7 @@ class BochsBackend(ImageBackend):
 
     def __init__(self, file: ImageFile):
         super().__init__(file)
-        self.st: Optional[BochsState] = None
+        self.st: BochsState | None = None
 
     @classmethod
     def probe(cls, head: bytes, tail: bytes, file_size: int) -> int:
@@ -51,7 +49,7 @@ class BochsBackend(ImageBackend):
         return self.st.subtype.decode().lower()
 
     @property
-    def parent(self) -> Optional[ParentRef]:
+    def parent(self) -> ParentRef | None:
         if self.st.subtype == SUBTYPE_GROWING:
             return None
         return ParentRef(filename=journal_base_name(self.path), format="raw")

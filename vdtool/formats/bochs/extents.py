@@ -3,8 +3,6 @@ reads through the catalog and the extents' sector bitmaps."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import MapExtent, Status
 from vdtool.formats.bochs.layout import CATALOG_FREE, SECTOR
 from vdtool.formats.bochs.state import BochsState
@@ -74,7 +72,7 @@ def readinto(st: BochsState, offset: int, buf) -> None:
         pos += n
 
 
-def _read_host(st: BochsState, host: Optional[int], part) -> None:
+def _read_host(st: BochsState, host: int | None, part) -> None:
     got = st.file.readinto(host, part)
     if got != len(part):
         raise st.corrupt(f"extent data at offset {host} ({len(part)} bytes) runs past the end of the file")

@@ -9,7 +9,7 @@ name is not recorded in the file)."""
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 from vdtool.core.layout import Layout, Record
 
@@ -125,7 +125,7 @@ def header_problems(hdr: Record, file_size: int) -> Iterator[tuple]:
                         f"({file_size} bytes)")
 
 
-def journal_base_name(path: str) -> Optional[str]:
+def journal_base_name(path: str) -> str | None:
     """The base image an Undoable or Volatile redolog at ``path`` belongs
     to, by Bochs' naming (``BASE.redolog``); None when the name does not
     follow it."""

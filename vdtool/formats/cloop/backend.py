@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import Cap, ImageBackend, MapExtent
 from vdtool.core.fileio import ImageFile
 from vdtool.formats.cloop import blocks
@@ -20,7 +18,7 @@ class CloopBackend(ImageBackend):
 
     def __init__(self, file: ImageFile):
         super().__init__(file)
-        self.st: Optional[CloopState] = None
+        self.st: CloopState | None = None
 
     @classmethod
     def probe(cls, head: bytes, tail: bytes, file_size: int) -> int:

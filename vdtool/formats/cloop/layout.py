@@ -5,7 +5,7 @@ validating the header and offset table."""
 from __future__ import annotations
 
 import re
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 from vdtool.core.layout import Layout, Record
 
@@ -36,7 +36,7 @@ def sniff(head: bytes, tail: bytes, size: int) -> int:
     return 100 if head[:len(SCRIPT_START)] == SCRIPT_START and len(head) >= HEADER.size else 0
 
 
-def preamble_version(hdr: Record) -> Optional[bytes]:
+def preamble_version(hdr: Record) -> bytes | None:
     """The format version the preamble names (b"2.0"), None when it names none."""
     m = _VERSION.search(hdr.preamble)
     return m.group(1) if m else None
@@ -80,7 +80,7 @@ def header_problems(hdr: Record, file_size: int) -> Iterator[tuple]:
                         f"({file_size} bytes)")
 
 
-def offset_problem(offsets, hdr: Record, file_size: int) -> Optional[str]:
+def offset_problem(offsets, hdr: Record, file_size: int) -> str | None:
     """What is wrong with the offset table (``offsets``: num_blocks + 1
     values), None when every block lies after the table, inside the file,
     in order and no larger than max_compressed."""

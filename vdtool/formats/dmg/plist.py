@@ -11,7 +11,7 @@ only, which is allowed."""
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from collections import namedtuple
 
 from vdtool.core.errors import CorruptImageError
 from vdtool.formats.dmg.layout import MAX_PARTITIONS, MISH_MAGIC, RSRC_HEADER
@@ -19,10 +19,7 @@ from vdtool.formats.dmg.layout import MAX_PARTITIONS, MISH_MAGIC, RSRC_HEADER
 _DOCTYPE_SUBSET = re.compile(rb"<!DOCTYPE[^>\[]*\[")
 
 
-class Partition(NamedTuple):
-    name: str
-    id: str
-    mish: bytes
+Partition = namedtuple("Partition", ("name", "id", "mish"))  # str, str, bytes
 
 
 def _text(v) -> str:

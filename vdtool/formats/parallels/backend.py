@@ -5,8 +5,6 @@ compact and check are the package's other modules."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentSpec, Status
 from vdtool.core.bytesutil import zeros
 from vdtool.core.errors import UsageError
@@ -31,7 +29,7 @@ class ParallelsBackend(ImageBackend):
 
     def __init__(self, file: ImageFile):
         super().__init__(file)
-        self.state: Optional[ParallelsState] = None  # set by _load_image or create
+        self.state: ParallelsState | None = None  # set by _load_image or create
         self._closed = False
 
     # == class level ==============================================================================
@@ -40,7 +38,7 @@ class ParallelsBackend(ImageBackend):
         return sniff(head, tail, file_size)
 
     @classmethod
-    def open(cls, path: str, *, writable: bool = False, options: Optional[dict] = None) -> ImageBackend:
+    def open(cls, path: str, *, writable: bool = False, options: dict | None = None) -> ImageBackend:
         """A bare image, or a ``.hdd`` bundle folder (bundle.BundleBackend)."""
         from vdtool.formats.parallels.bundle import BundleBackend, is_bundle
 
@@ -54,8 +52,8 @@ class ParallelsBackend(ImageBackend):
             mark_open(self.state)
 
     @classmethod
-    def create(cls, path: str, size: int, *, variant: Optional[str] = None, block_size: Optional[int] = None,
-               parent: Optional[ParentSpec] = None, options: Optional[dict] = None,
+    def create(cls, path: str, size: int, *, variant: str | None = None, block_size: int | None = None,
+               parent: ParentSpec | None = None, options: dict | None = None,
                progress: Progress = NO_PROGRESS) -> "ParallelsBackend":
         if parent is not None:
             raise UsageError("a Parallels image cannot record a parent (bundle snapshots are not "
@@ -252,7 +250,7 @@ class ParallelsBackend(ImageBackend):
 
         compact(self.state, self.parent_read, progress)
 
-    def _check(self, res: CheckResult, repair: Optional[str], progress: Progress) -> None:
+    def _check(self, res: CheckResult, repair: str | None, progress: Progress) -> None:
         from vdtool.formats.parallels.check import check  # when used
 
         check(self.state, res, repair, progress)

@@ -13,7 +13,6 @@ is not implemented yet and refused by name."""
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from vdtool.core.backend import Cap, CheckResult, ImageBackend, Status
 from vdtool.core.bytesutil import zeros
@@ -74,7 +73,7 @@ class BundleBackend(ImageBackend):
         self.grain = 1 << 20  # the smallest cluster of any layer: runs never straddle one
 
     @classmethod
-    def open_bundle(cls, folder: str, image_class, *, writable: bool = False, options: Optional[dict] = None):
+    def open_bundle(cls, folder: str, image_class, *, writable: bool = False, options: dict | None = None):
         """The bundle at ``folder``; its expanding images are opened with
         ``image_class`` (the bare-image backend, handed in by it)."""
         desc = open_file(os.path.join(folder, DESCRIPTOR), writable=False)
@@ -238,7 +237,7 @@ class BundleBackend(ImageBackend):
             raise NotSupported("compact", "parallels bundle", self.path, "not implemented yet for snapshots")
         self._single().compact(progress)
 
-    def _check(self, res: CheckResult, repair: Optional[str], progress: Progress) -> None:
+    def _check(self, res: CheckResult, repair: str | None, progress: Progress) -> None:
         self._single()._check(res, repair, progress)
 
     def resize(self, new_size: int) -> None:
@@ -297,7 +296,7 @@ class BundleBackend(ImageBackend):
             self.file.close()
 
 
-def create_bundle(image_class, folder: str, size: int, block_size: Optional[int], options: dict):
+def create_bundle(image_class, folder: str, size: int, block_size: int | None, options: dict):
     """A new bundle at ``folder`` (which must not exist): one storage, one
     expanding image made by ``image_class``; returned open for writing."""
     import uuid

@@ -8,8 +8,6 @@ one leak where qemu-img counts a corruption (see ``check``)."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import CheckResult
 from vdtool.core.bytesutil import ceil_div
 from vdtool.core.progress import Progress
@@ -18,7 +16,7 @@ from vdtool.formats.parallels.metadata import alloc, set_entry, sync
 from vdtool.formats.parallels.state import ParallelsState
 
 
-def check(state: ParallelsState, res: CheckResult, repair: Optional[str], progress: Progress) -> None:
+def check(state: ParallelsState, res: CheckResult, repair: str | None, progress: Progress) -> None:
     """Fill ``res``; ``repair`` 'all' clears the in-use flag, drops entries
     outside the file and gives shared clusters copies of their own; 'leaks'
     or 'all' cuts the file after the last cluster."""

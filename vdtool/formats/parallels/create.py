@@ -4,8 +4,6 @@ a zeroed BAT and the data area from the first cluster boundary after it
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.bytesutil import align_up, le_array
 from vdtool.core.errors import UsageError
 from vdtool.core.fileio import ImageFile
@@ -15,7 +13,7 @@ from vdtool.formats.parallels.layout import (BAT_OFFSET, DEFAULT_CLUSTER, HEADER
 from vdtool.formats.parallels.state import ParallelsState
 
 
-def new_header(size: int, variant: Optional[str], block_size: Optional[int], options: dict) -> Record:
+def new_header(size: int, variant: str | None, block_size: int | None, options: dict) -> Record:
     """The header of a new image (bad arguments are UsageErrors before any
     file is touched)."""
     if variant not in (None, "dynamic"):

@@ -11,7 +11,7 @@ an image for every snapshot of the chain in every storage."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections import namedtuple
 
 from vdtool.core.errors import CorruptImageError, UnsupportedFeature
 
@@ -23,22 +23,13 @@ NULL_GUID = "{00000000-0000-0000-0000-000000000000}"
 TYPES = ("Compressed", "Plain")
 
 
-class Image(NamedTuple):
-    guid: str
-    type: str  # "Compressed" (an expanding image) or "Plain" (flat)
-    file: str  # as recorded: relative to the bundle folder, or absolute
-
-
-class Storage(NamedTuple):
-    start: int  # sectors
-    end: int
-    layers: tuple  # Image, top snapshot first
-
-
-class Bundle(NamedTuple):
-    sectors: int
-    storages: tuple  # Storage, by start
-    chain: tuple  # snapshot GUIDs, top first
+# guid; type: "Compressed" (an expanding image) or "Plain" (flat); file: as
+# recorded, relative to the bundle folder or absolute
+Image = namedtuple("Image", ("guid", "type", "file"))
+# start, end: sectors; layers: Image, top snapshot first
+Storage = namedtuple("Storage", ("start", "end", "layers"))
+# sectors; storages: Storage, by start; chain: snapshot GUIDs, top first
+Bundle = namedtuple("Bundle", ("sectors", "storages", "chain"))
 
 
 def _int(el, tag: str, path: str) -> int:

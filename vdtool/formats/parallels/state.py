@@ -5,7 +5,6 @@ the data area or at a cluster another entry uses)."""
 from __future__ import annotations
 
 from array import array
-from typing import Optional
 
 from vdtool.core.errors import CorruptImageError
 from vdtool.core.fileio import ImageFile
@@ -42,7 +41,7 @@ class ParallelsState:
         self.unclean = hdr.inuse == INUSE_MAGIC
         self.fsize = fsize
         self.data_end = 0
-        self.problems: Optional[list] = None
+        self.problems: list | None = None
 
     def corrupt(self, msg: str) -> CorruptImageError:
         return CorruptImageError(msg, self.path)

@@ -4,8 +4,6 @@ with zeros to a 512-byte multiple."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import ParentSpec
 from vdtool.core.bytesutil import align_up
 from vdtool.core.errors import UsageError
@@ -16,7 +14,7 @@ from vdtool.formats.qcow.layout import (BACKING_BITS, DEFAULT_BITS, HEADER, MAX_
                                         QCOW_VERSION, SECTOR, VARIANTS, l1_entries)
 
 
-def new_header(size: int, variant: Optional[str], block_size: Optional[int], parent: Optional[ParentSpec],
+def new_header(size: int, variant: str | None, block_size: int | None, parent: ParentSpec | None,
                options: dict) -> tuple:
     """(header, backing name bytes) of a new image."""
     if variant not in (None, *VARIANTS):
@@ -49,7 +47,7 @@ def write_image(f: ImageFile, hdr: Record, name: bytes) -> None:
     f.pwrite(0, HEADER.pack(hdr))
 
 
-def measure(size: int, source, variant: Optional[str], block_size: Optional[int], options: dict) -> dict:
+def measure(size: int, source, variant: str | None, block_size: int | None, options: dict) -> dict:
     """measure's sizes: header and L1 table as create writes them, then one
     L2 table and cluster per cluster convert writes (a full image: all)."""
     hdr, _name = new_header(size, variant, block_size, None, options)

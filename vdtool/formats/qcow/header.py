@@ -3,8 +3,6 @@ table, each checked before use) and recording the backing file."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.bytesutil import U64, align_up, be_array, le_array
 from vdtool.core.errors import CorruptImageError, FormatError, UnsupportedFeature
 from vdtool.core.fileio import ImageFile
@@ -76,7 +74,7 @@ def write_xen(st: QcowState) -> None:
     st.file.pwrite(XEN_HEADER_OFFSET, XEN_HEADER.pack(st.xen))
 
 
-def set_backing(st: QcowState, name: Optional[str]) -> None:
+def set_backing(st: QcowState, name: str | None) -> None:
     """Record the backing file ``name`` (None: none).  The name goes to the
     end of the file (no table names that space), is flushed, and only then
     the 48-byte header names it."""

@@ -3,8 +3,6 @@ QCOW (version 1) image."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.fileio import ImageFile
 from vdtool.core.layout import Record
 from vdtool.core.tablemap import TableMap
@@ -24,8 +22,8 @@ class QcowState:
 
     __slots__ = ("file", "path", "hdr", "xen", "tables", "backing_name", "cs", "cache")
 
-    def __init__(self, file: ImageFile, hdr: Record, xen: Optional[Record], tables: TableMap,
-                 backing_name: Optional[str]):
+    def __init__(self, file: ImageFile, hdr: Record, xen: Record | None, tables: TableMap,
+                 backing_name: str | None):
         self.file = file
         self.path: str = file.path
         self.hdr = hdr
@@ -47,7 +45,7 @@ class QcowState:
     def compressed_entry(self, offset: int, size: int) -> int:
         return QCOW_OFLAG_COMPRESSED | (size << (63 - self.hdr.cluster_bits)) | offset
 
-    def data_problem(self, e: int) -> Optional[str]:
+    def data_problem(self, e: int) -> str | None:
         """Why an entry cannot be read (None: it can)."""
         end = max(self.tables.file_size, self.tables.end)
         if e & QCOW_OFLAG_COMPRESSED:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import struct
 from array import array
-from typing import Optional
 
 from vdtool.core.bytesutil import be_array, ceil_div
 from vdtool.core.errors import FormatError, UnsupportedFeature, UsageError
@@ -110,19 +109,19 @@ def set_geometry(st, cluster_bits: int, extended_l2: bool, refcount_order: int) 
     st.rb_shift = st.rc.entries.bit_length() - 1
 
 
-def whole_header(st, exts: list, backing: Optional[bytes]) -> bytes:
+def whole_header(st, exts: list, backing: bytes | None) -> bytes:
     """The header (fields, extensions, backing file name) from the state."""
     return header_bytes(st.header_record(), st.header_extra, exts, backing)
 
 
-def backing_name_bytes(name: Optional[str]) -> Optional[bytes]:
+def backing_name_bytes(name: str | None) -> bytes | None:
     backing = encode_name(name) if name else None
     if backing is not None and len(backing) > MAX_BACKING_NAME:
         raise UsageError(f"backing file name is {len(backing)} bytes, above the limit of {MAX_BACKING_NAME}")
     return backing
 
 
-def set_backing(st, name: Optional[str], fmt: Optional[str]) -> None:
+def set_backing(st, name: str | None, fmt: str | None) -> None:
     """Rewrite the header with a new backing file name and format (QEMU's
     driver name) in place; the header must still fit the first cluster."""
     backing = backing_name_bytes(name)

@@ -7,7 +7,7 @@ backend."""
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 from vdtool.core.bytesutil import ceil_div
 from vdtool.core.layout import Layout
@@ -304,7 +304,7 @@ def backing_name_problems(hdr, file_size: int) -> Iterator[tuple]:
 
 
 def table_problem(field: str, offset: int, length: int, cluster_size: int, file_size: int,
-                  used: bool) -> Optional[str]:
+                  used: bool) -> str | None:
     """Where a table the header points at must lie: aligned, and when it is
     used, past the header and inside the file."""
     if offset % cluster_size:
@@ -362,7 +362,7 @@ def _reftable_problems(hdr, file_size: int) -> Iterator[tuple]:
                                                  bool(hdr.nb_snapshots)))
 
 
-def _as_corrupt(text: Optional[str]) -> Iterator[tuple]:
+def _as_corrupt(text: str | None) -> Iterator[tuple]:
     if text:
         yield CORRUPT, text
 
@@ -390,7 +390,7 @@ def header_problems(hdr, hc, file_size: int) -> Iterator[tuple]:
             return
 
 
-def snapshot_problem(i: int, pos: int, body: int, limit: int, file_size: int) -> Optional[str]:
+def snapshot_problem(i: int, pos: int, body: int, limit: int, file_size: int) -> str | None:
     """Whether snapshot table entry ``i`` (``body`` bytes at ``pos``; 0 for
     its fixed part only) fits in the table."""
     if pos + (body or SNAPSHOT_ENTRY.size) <= limit:
@@ -401,7 +401,7 @@ def snapshot_problem(i: int, pos: int, body: int, limit: int, file_size: int) ->
     return f"snapshot table entry {i} at offset {pos:#x} ({body} bytes) runs past {past}"
 
 
-def snapshot_l1_problem(sid: str, ent, cluster_size: int, file_size: int) -> Optional[str]:
+def snapshot_l1_problem(sid: str, ent, cluster_size: int, file_size: int) -> str | None:
     if ent.l1_size > MAX_L1_ENTRIES:
         return f"snapshot {sid!r}: l1_size {ent.l1_size} is above the limit of {MAX_L1_ENTRIES}"
     off = ent.l1_table_offset
@@ -422,7 +422,7 @@ def snapshot_extra(extra: bytes) -> tuple:
 
 # -- writing the header --------------------------------------------------------------------
 
-def header_bytes(hdr, extra: bytes, exts: list, backing: Optional[bytes]) -> bytes:
+def header_bytes(hdr, extra: bytes, exts: list, backing: bytes | None) -> bytes:
     """The whole header: fields (72 bytes for version 2), additional fields,
     extensions, end marker and backing file name.  The backing file fields
     come from ``backing``, not from ``hdr``."""
@@ -502,7 +502,7 @@ def _unknown_feature_findings(hdr) -> list:
     return [("unknown-features", "qcow2 feature bits " + ", ".join(unknown))] if unknown else []
 
 
-def _data_file_name(head: bytes, header_length: int) -> Optional[str]:
+def _data_file_name(head: bytes, header_length: int) -> str | None:
     """The external data file extension's name, if the first 64 header
     extensions (all in ``head``) hold one."""
     data_name = None

@@ -5,8 +5,6 @@ holds (qemu-img measure's ``bitmaps``)."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.bytesutil import align_up, ceil_div
 from vdtool.core.errors import CorruptImageError, UsageError, VdError
 from vdtool.formats.qcow2.layout import (AUTOCLEAR_BITMAPS, BITMAP_DIR_ENTRY, BITMAPS_EXTENSION, EXT_BITMAPS,
@@ -18,7 +16,7 @@ _MAX_DIRECTORY = 64 << 20  # qemu's limit on the bitmap directory
 _MAX_NAME = 1023
 
 
-def variant_of(variant: Optional[str], options: dict) -> str:
+def variant_of(variant: str | None, options: dict) -> str:
     """--variant, or qemu-img's ``-o preallocation=...`` (which must agree)."""
     mode = options.get("preallocation")
     if mode is None:
@@ -86,7 +84,7 @@ def measure(size: int, source, opts: dict, variant: str, options: dict) -> dict:
     return out
 
 
-def read_bitmaps(st) -> Optional[list]:
+def read_bitmaps(st) -> list | None:
     """(name, granularity) of the persistent bitmaps in ``st``'s image; None
     for a version 2 image (it cannot have any)."""
     if st.version < 3:

@@ -10,7 +10,6 @@ tables that stopped pointing at them are on disk."""
 from __future__ import annotations
 
 from array import array
-from typing import Optional
 
 from vdtool.core.bytesutil import U32, U64, be_array, be_bytes, ceil_div
 from vdtool.core.errors import UnsupportedFeature
@@ -310,7 +309,7 @@ class Refcounts:
                                      f"{MAX_REFTABLE_BYTES}; use a larger cluster size", st.path)
         return need_idx, T
 
-    def switch_table(self, rt: array, rt_off: int, clusters: int, end: int, order: Optional[int] = None) -> None:
+    def switch_table(self, rt: array, rt_off: int, clusters: int, end: int, order: int | None = None) -> None:
         """Use a refcount table (and its blocks) written elsewhere, already on
         disk: the header is pointed at it, the caches forget the old one.
         ``order``: the new structures have another entry width (amend), set

@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 from array import array
 from collections import OrderedDict
-from typing import Optional
 
 from vdtool.core.errors import CorruptImageError
 from vdtool.formats.qcow2.layout import (HEADER, L1E_OFFSET_MASK, REFT_OFFSET_MASK, V2_HEADER_LENGTH,
@@ -63,8 +62,8 @@ class Qcow2State:
         self.compression_type = 0
         self.exts: list = []  # header extensions, [type, data] in file order
         self.header_used = 0  # bytes of the first cluster the header, extensions and name occupy
-        self.backing_name: Optional[str] = None
-        self.backing_format: Optional[str] = None
+        self.backing_name: str | None = None
+        self.backing_format: str | None = None
         self.features: dict = {}  # (type, bit) -> name, from the feature name table
         self.snapshots: list = []  # dicts, see snapshot.read_table
         # -- geometry derived from the header --

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentRef, ParentSpec, Status
 from vdtool.core.fileio import ImageFile, create_file
 from vdtool.core.progress import NO_PROGRESS, Progress
@@ -29,7 +27,7 @@ class QedBackend(ImageBackend):
 
     def __init__(self, file: ImageFile):
         super().__init__(file)
-        self.st: Optional[QedState] = None
+        self.st: QedState | None = None
         self._closed = False
 
     @classmethod
@@ -46,8 +44,8 @@ class QedBackend(ImageBackend):
                 raise self._corrupt("the image was not closed cleanly and its repair failed; run vdtool check")
 
     @classmethod
-    def create(cls, path: str, size: int, *, variant: Optional[str] = None, block_size: Optional[int] = None,
-               parent: Optional[ParentSpec] = None, options: Optional[dict] = None,
+    def create(cls, path: str, size: int, *, variant: str | None = None, block_size: int | None = None,
+               parent: ParentSpec | None = None, options: dict | None = None,
                progress: Progress = NO_PROGRESS) -> "QedBackend":
         from vdtool.formats.qed.create import new_header, write_image  # when used
 
@@ -65,8 +63,8 @@ class QedBackend(ImageBackend):
             raise
 
     @classmethod
-    def measure(cls, size: int, source, *, variant: Optional[str] = None, block_size: Optional[int] = None,
-                options: Optional[dict] = None) -> dict:
+    def measure(cls, size: int, source, *, variant: str | None = None, block_size: int | None = None,
+                options: dict | None = None) -> dict:
         from vdtool.formats.qed.create import measure
 
         return measure(size, source, block_size, cls.parse_options(dict(options or {})))
@@ -85,7 +83,7 @@ class QedBackend(ImageBackend):
         return "dynamic"
 
     @property
-    def parent(self) -> Optional[ParentRef]:
+    def parent(self) -> ParentRef | None:
         if not self.st.has_backing:
             return None
         return ParentRef(filename=self.st.backing_name, format="raw" if self.st.backing_raw else None)
@@ -156,7 +154,7 @@ class QedBackend(ImageBackend):
             self.file.close()
 
     # == whole-image operations ========================================================================
-    def set_parent(self, parent: Optional[ParentSpec]) -> None:
+    def set_parent(self, parent: ParentSpec | None) -> None:
         self._sync()
         if parent is None:
             set_backing(self.st, None, False)
@@ -174,7 +172,7 @@ class QedBackend(ImageBackend):
         compact(self.st, progress)
         self._sync()
 
-    def _check(self, res: CheckResult, repair: Optional[str], progress: Progress) -> None:
+    def _check(self, res: CheckResult, repair: str | None, progress: Progress) -> None:
         from vdtool.formats.qed.check import check  # when used
 
         check(self.st, res, repair, progress)

@@ -5,7 +5,7 @@ in place over data, as QEMU writes them)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from vdtool.core.backend import Status
 from vdtool.core.bytesutil import zeros

@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import ParentSpec
 from vdtool.core.bytesutil import align_up
 from vdtool.core.errors import UsageError
@@ -16,7 +14,7 @@ from vdtool.formats.qed.layout import (DEFAULT_CLUSTER, DEFAULT_HEADER_SIZE, DEF
                                        qemu_max_image_size)
 
 
-def new_header(size: int, variant: Optional[str], block_size: Optional[int], options: dict) -> Record:
+def new_header(size: int, variant: str | None, block_size: int | None, options: dict) -> Record:
     if variant not in (None, *VARIANTS):
         raise UsageError(f"qed has no variant {variant!r}; choose from {', '.join(VARIANTS)}")
     cs = int(block_size or options.get("cluster_size") or DEFAULT_CLUSTER)
@@ -45,7 +43,7 @@ def write_image(f: ImageFile, hdr: Record) -> None:
     f.pwrite(0, HEADER.pack(hdr))
 
 
-def measure(size: int, source, block_size: Optional[int], options: dict) -> dict:
+def measure(size: int, source, block_size: int | None, options: dict) -> dict:
     hdr = new_header(size, None, block_size, options)
     cs, ts = hdr.cluster_size, hdr.table_size
     meta = hdr.l1_table_offset + ts * cs

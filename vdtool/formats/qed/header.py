@@ -4,8 +4,6 @@ name."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.bytesutil import U64, le_array
 from vdtool.core.errors import CorruptImageError, FormatError, UnsupportedFeature
 from vdtool.core.fileio import ImageFile
@@ -75,7 +73,7 @@ def clear_need_check(st: QedState) -> None:
     st.file.flush()
 
 
-def set_backing(st: QedState, name: Optional[str], raw_format: bool) -> None:
+def set_backing(st: QedState, name: str | None, raw_format: bool) -> None:
     """Record the backing file ``name`` (None: none) in the header clusters.
     The new name goes where the old one is not, is flushed, and only then
     the header names it: a crash leaves the old or the new reference."""

@@ -3,8 +3,6 @@ image."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.fileio import ImageFile
 from vdtool.core.layout import Record
 from vdtool.core.tablemap import TableMap
@@ -26,7 +24,7 @@ class QedState:
 
     __slots__ = ("file", "path", "hdr", "tables", "backing_name", "cs", "data_start", "need_check_ours")
 
-    def __init__(self, file: ImageFile, hdr: Record, tables: TableMap, backing_name: Optional[str]):
+    def __init__(self, file: ImageFile, hdr: Record, tables: TableMap, backing_name: str | None):
         self.file = file
         self.path: str = file.path
         self.hdr = hdr
@@ -48,7 +46,7 @@ class QedState:
     def virtual_size(self) -> int:
         return self.hdr.image_size
 
-    def data_problem(self, e: int) -> Optional[str]:
+    def data_problem(self, e: int) -> str | None:
         """Why an L2 entry's data cluster offset cannot be used (None: it can)."""
         if e % self.cs:
             return f"is not aligned to the cluster size {self.cs}"

@@ -5,8 +5,6 @@ and check are the package's other modules."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentRef, ParentSpec, Status
 from vdtool.core.extents import flat_extent
 from vdtool.core.bytesutil import zeros
@@ -43,7 +41,7 @@ class VdiBackend(ImageBackend):
 
     def __init__(self, file: ImageFile):
         super().__init__(file)
-        self.state: Optional[VdiState] = None  # set by _load_image or create
+        self.state: VdiState | None = None  # set by _load_image or create
         self._closed = False
 
     # == class level ==============================================================================
@@ -55,8 +53,8 @@ class VdiBackend(ImageBackend):
         self.state = load(self.file, lenient=bool(options.get("check") or options.get("repair")))
 
     @classmethod
-    def create(cls, path: str, size: int, *, variant: Optional[str] = None, block_size: Optional[int] = None,
-               parent: Optional[ParentSpec] = None, options: Optional[dict] = None,
+    def create(cls, path: str, size: int, *, variant: str | None = None, block_size: int | None = None,
+               parent: ParentSpec | None = None, options: dict | None = None,
                progress: Progress = NO_PROGRESS) -> "VdiBackend":
         hdr = new_header(size, variant, block_size, parent, options)
         f = create_file(path)
@@ -69,8 +67,8 @@ class VdiBackend(ImageBackend):
             raise
 
     @classmethod
-    def measure(cls, size: int, source, *, variant: Optional[str] = None, block_size: Optional[int] = None,
-                options: Optional[dict] = None) -> dict:
+    def measure(cls, size: int, source, *, variant: str | None = None, block_size: int | None = None,
+                options: dict | None = None) -> dict:
         from vdtool.formats.vdi.create import measure
 
         return measure(size, source, variant, block_size, cls.parse_options(dict(options or {})))
@@ -101,7 +99,7 @@ class VdiBackend(ImageBackend):
         return self.state.is_diff
 
     @property
-    def parent(self) -> Optional[ParentRef]:
+    def parent(self) -> ParentRef | None:
         return parent_ref(self.state)
 
     def external_references(self) -> list:
@@ -328,7 +326,7 @@ class VdiBackend(ImageBackend):
         return amend(self.state, options)
 
     # == whole-image operations ======================================================================
-    def set_parent(self, parent: Optional[ParentSpec]) -> None:
+    def set_parent(self, parent: ParentSpec | None) -> None:
         begin_write(self.state, content=False)
         sync(self.state)
         write_parent(self.state, parent)
@@ -339,5 +337,5 @@ class VdiBackend(ImageBackend):
     def compact(self, progress: Progress = NO_PROGRESS) -> None:
         compact_mod.compact(self.state, self.parent_read, progress)
 
-    def _check(self, res: CheckResult, repair: Optional[str], progress: Progress) -> None:
+    def _check(self, res: CheckResult, repair: str | None, progress: Progress) -> None:
         check_mod.check(self.state, res, repair, progress)

@@ -19,7 +19,6 @@ import sys
 from array import array
 from collections import deque
 from itertools import repeat
-from typing import Optional
 
 from vdtool.core.backend import Status
 from vdtool.core.bytesutil import U32, le_array, le_bytes
@@ -50,7 +49,7 @@ def status_of(e: int) -> Status:
     return Status.DATA
 
 
-def _frag(prev: Optional[int], vals: list) -> int:
+def _frag(prev: int | None, vals: list) -> int:
     """Entries of ``vals`` whose block does not follow the one before (``prev``
     for the first)."""
     n = sum(map(operator.ne, vals[1:], map((1).__add__, vals)))
@@ -65,7 +64,7 @@ class MapTally:
 
     def __init__(self):
         self.count = self.frag = 0
-        self.prev: Optional[int] = None
+        self.prev: int | None = None
 
     def add(self, vals: list) -> None:
         self.count += len(vals)
@@ -171,7 +170,7 @@ class BlockMap:
             p = marked.find(1, (i + 1 - c) << 2)
         return idx
 
-    def allocated_chunks(self, lo: int = 0, hi: Optional[int] = None):
+    def allocated_chunks(self, lo: int = 0, hi: int | None = None):
         """(indices, entries) of the allocated entries in [lo, hi), one chunk
         at a time in map order (memory stays bounded on a hostile map full of
         entries), never empty; the cost follows their number, not the map's
@@ -189,7 +188,7 @@ class BlockMap:
             elif idx:
                 yield idx, list(map(mv.__getitem__, idx))
 
-    def allocated(self, lo: int = 0, hi: Optional[int] = None) -> tuple:
+    def allocated(self, lo: int = 0, hi: int | None = None) -> tuple:
         """([index], [entry]) of all allocated entries in [lo, hi)."""
         idx: list = []
         vals: list = []

@@ -7,8 +7,6 @@ block below the count that no entry uses is a leak."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import CheckResult
 from vdtool.core.progress import Progress
 from vdtool.formats.vdi.layout import VDI_IMAGE_BLOCK_FREE, VDI_IMAGE_BLOCK_ZERO
@@ -19,7 +17,7 @@ _WHY = {"eof": "past the end of the file", "count": "not below the allocated cou
         "dup": "which another entry uses"}
 
 
-def check(state: VdiState, res: CheckResult, repair: Optional[str], progress: Progress) -> None:
+def check(state: VdiState, res: CheckResult, repair: str | None, progress: Progress) -> None:
     """Fill ``res``; ``repair`` 'all' fixes the map (copying shared blocks,
     taking blocks past the count in, dropping entries past the file), then
     'leaks' or 'all' closes the holes leaked blocks leave."""

@@ -6,7 +6,7 @@ order (a block's entry changes when its slot is given up, not before)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from vdtool.core.errors import NotSupported
 from vdtool.core.progress import Progress

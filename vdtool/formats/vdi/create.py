@@ -4,8 +4,6 @@ block allocated in order for a fixed one."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import ParentSpec
 from vdtool.core.bytesutil import align_up, ceil_div
 from vdtool.core.errors import UsageError
@@ -25,7 +23,7 @@ from vdtool.formats.vdi.state import VdiState
 _PREALLOCATE_STEP = 64 << 20  # a fixed image's data is allocated (and progress reported) in pieces
 
 
-def _variant(variant: Optional[str], parent: Optional[ParentSpec], opts: dict) -> str:
+def _variant(variant: str | None, parent: ParentSpec | None, opts: dict) -> str:
     variant = variant or ("fixed" if opts.get("static") else "dynamic")
     if variant not in VARIANTS:
         raise UsageError(f"vdi has no variant {variant!r}; choose from {', '.join(VARIANTS)}")
@@ -34,7 +32,7 @@ def _variant(variant: Optional[str], parent: Optional[ParentSpec], opts: dict) -
     return variant
 
 
-def _geometry(size: int, block_size: Optional[int]) -> tuple:
+def _geometry(size: int, block_size: int | None) -> tuple:
     """(disk size, block size, blocks, map offset, data offset), checked."""
     bs = VDI_IMAGE_DEFAULT_BLOCK_SIZE if block_size is None else int(block_size)
     if not is_pow2(bs) or bs < MIN_BLOCK or bs > MAX_BLOCK:
@@ -52,8 +50,8 @@ def _geometry(size: int, block_size: Optional[int]) -> tuple:
     return size, bs, blocks, off_blocks, off_data
 
 
-def new_header(size: int, variant: Optional[str], block_size: Optional[int], parent: Optional[ParentSpec],
-               options: Optional[dict]) -> Record:
+def new_header(size: int, variant: str | None, block_size: int | None, parent: ParentSpec | None,
+               options: dict | None) -> Record:
     """The header of a new image (before any file is touched: bad arguments
     are UsageErrors)."""
     opts = dict(options or {})
@@ -74,7 +72,7 @@ def new_header(size: int, variant: Optional[str], block_size: Optional[int], par
         LCHS_cbSector=VDI_GEOMETRY_SECTOR_SIZE)
 
 
-def write_image(f: ImageFile, hdr: Record, parent: Optional[ParentSpec], progress: Progress) -> VdiState:
+def write_image(f: ImageFile, hdr: Record, parent: ParentSpec | None, progress: Progress) -> VdiState:
     """Write a new image with header ``hdr`` into the empty file ``f``."""
     fixed = hdr.u32Type == VDI_IMAGE_TYPE_FIXED
     bmap = BlockMap.in_order(hdr.cBlocks) if fixed else BlockMap.all_free(hdr.cBlocks)
@@ -94,7 +92,7 @@ def write_image(f: ImageFile, hdr: Record, parent: Optional[ParentSpec], progres
     return state
 
 
-def measure(size: int, source, variant: Optional[str], block_size: Optional[int], options: dict) -> dict:
+def measure(size: int, source, variant: str | None, block_size: int | None, options: dict) -> dict:
     """measure's sizes: header and block map (aligned to 1 MiB, as create
     lays them out), then one block for each block convert writes (all of
     them for a fixed image)."""

@@ -4,7 +4,6 @@ parent-name hint of a differencing image, the block map read and scanned."""
 from __future__ import annotations
 
 import struct
-from typing import Optional
 
 from vdtool.core.errors import CorruptImageError, FormatError, UnsupportedFeature
 from vdtool.core.fileio import ImageFile
@@ -46,7 +45,7 @@ def load(file: ImageFile, lenient: bool) -> VdiState:
         raise CorruptImageError(f"malformed VDI header ({e})", file.path) from None
 
 
-def _read_hint(head: bytes, version: int, hdr: Record, path: str) -> Optional[Hint]:
+def _read_hint(head: bytes, version: int, hdr: Record, path: str) -> Hint | None:
     """The parent's name that vdtool keeps beside a differencing 1.1 header."""
     if hdr.u32Type != VDI_IMAGE_TYPE_DIFF or not is_v1(version):
         return None

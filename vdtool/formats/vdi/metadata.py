@@ -5,8 +5,6 @@ released blocks leave (the last blocks move into them)."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.errors import ReadOnlyError
 from vdtool.core.progress import NO_PROGRESS, Progress
 from vdtool.formats.vdi.layout import (HEADER1PLUS, HEADER_OFFSET, VDI_GEOMETRY_SECTOR_SIZE, VDI_IMAGE_BLOCK_FREE,
@@ -112,7 +110,7 @@ def alloc(state: VdiState, b: int, block) -> None:
         sync(state)
 
 
-def close_holes(state: VdiState, progress: Progress = NO_PROGRESS, release: Optional[dict] = None) -> int:
+def close_holes(state: VdiState, progress: Progress = NO_PROGRESS, release: dict | None = None) -> int:
     """Give up the data blocks no entry uses, and those of the entries in
     ``release`` (virtual block -> the marker it gets instead: compact's
     blocks of zeros): the last blocks move down into the holes, the

@@ -5,8 +5,6 @@ the header (layout's hint)."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import ParentRef, ParentSpec
 from vdtool.core.errors import NotSupported, UsageError
 from vdtool.formats.vdi.layout import (HINT, HINT_OFFSET, MAX_HINT_NAME, NULL_UUID, VDI_IMAGE_TYPE_DIFF,
@@ -16,7 +14,7 @@ from vdtool.formats.vdi.metadata import sync
 from vdtool.formats.vdi.state import VdiState
 
 
-def parent_ref(state: VdiState) -> Optional[ParentRef]:
+def parent_ref(state: VdiState) -> ParentRef | None:
     if not state.is_diff:
         return None
     hdr = state.hdr
@@ -39,7 +37,7 @@ def external_references(state: VdiState) -> list:
     return ["{" + uuid_str(state.hdr.uuidLinkage) + "}"]
 
 
-def _uuid_or_none(text: Optional[str]) -> Optional[bytes]:
+def _uuid_or_none(text: str | None) -> bytes | None:
     """A parent's UUID as VDI stores it; None when it has none (or not one
     that parses)."""
     if not text:
@@ -50,7 +48,7 @@ def _uuid_or_none(text: Optional[str]) -> Optional[bytes]:
         return None
 
 
-def write_parent(state: VdiState, parent: Optional[ParentSpec]) -> None:
+def write_parent(state: VdiState, parent: ParentSpec | None) -> None:
     """Record ``parent`` (None: the image stands alone from now on) and
     write the header."""
     hdr = state.hdr
@@ -77,7 +75,7 @@ def write_parent(state: VdiState, parent: Optional[ParentSpec]) -> None:
     sync(state)
 
 
-def store_hint(state: VdiState, name: Optional[str], synthetic: bool) -> None:
+def store_hint(state: VdiState, name: str | None, synthetic: bool) -> None:
     """Write (or, with None, wipe) the parent-name hint."""
     if not state.v1:
         return

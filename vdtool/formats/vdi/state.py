@@ -4,8 +4,6 @@ image is a differencing one, which map entries are inconsistent)."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.bytesutil import align_up
 from vdtool.core.errors import CorruptImageError
 from vdtool.core.fileio import ImageFile
@@ -51,8 +49,8 @@ class VdiState:
         self.hdr_dirty = False
         self.modified = False
         self.fsize = fsize
-        self.problems: Optional[list] = []
-        self.hint: Optional[str] = None
+        self.problems: list | None = []
+        self.hint: str | None = None
         self.hint_synthetic = False
 
     def corrupt(self, msg: str) -> CorruptImageError:

@@ -8,7 +8,7 @@ ranges and writability."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from vdtool.core.backend import MapExtent, Status
 from vdtool.core.bytesutil import ZERO_BUFFER, ceil_div, is_zero, zeros

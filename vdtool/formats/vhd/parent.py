@@ -6,7 +6,6 @@ differencing disk never loses its parent's UUID before it stops being one."""
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from vdtool.core.backend import ParentSpec
 from vdtool.core.bytesutil import align_up
@@ -17,7 +16,7 @@ from vdtool.formats.vhd.space import make_room
 from vdtool.formats.vhd.state import VhdState
 
 
-def set_parent(st: VhdState, parent: Optional[ParentSpec]) -> None:
+def set_parent(st: VhdState, parent: ParentSpec | None) -> None:
     flush(st)
     if parent is None:
         _drop_parent(st)

@@ -16,7 +16,6 @@ Choices worth knowing:
 from __future__ import annotations
 
 import struct
-from typing import Optional
 
 from vdtool.core.backend import Cap, CheckResult, FormatOption, ImageBackend, MapExtent, ParentRef, ParentSpec
 from vdtool.core.errors import CorruptImageError, NotSupported, ReadOnlyError, UsageError
@@ -62,8 +61,8 @@ class VhdxBackend(ImageBackend):
             raise CorruptImageError(f"malformed VHDX metadata ({type(e).__name__}: {e})", self.path) from None
 
     @classmethod
-    def create(cls, path: str, size: int, *, variant: Optional[str] = None, block_size: Optional[int] = None,
-               parent: Optional[ParentSpec] = None, options: Optional[dict] = None,
+    def create(cls, path: str, size: int, *, variant: str | None = None, block_size: int | None = None,
+               parent: ParentSpec | None = None, options: dict | None = None,
                progress: Progress = NO_PROGRESS) -> "VhdxBackend":
         from vdtool.formats.vhdx.create import plan, write_image
 
@@ -90,8 +89,8 @@ class VhdxBackend(ImageBackend):
         return img
 
     @classmethod
-    def measure(cls, size: int, source, *, variant: Optional[str] = None, block_size: Optional[int] = None,
-                options: Optional[dict] = None) -> dict:
+    def measure(cls, size: int, source, *, variant: str | None = None, block_size: int | None = None,
+                options: dict | None = None) -> dict:
         from vdtool.formats.vhdx.create import measure
 
         return measure(size, source, variant or "dynamic", block_size, cls.parse_options(dict(options or {})))
@@ -115,7 +114,7 @@ class VhdxBackend(ImageBackend):
         return guid_text(self.state.hdr.DataWriteGuid)
 
     @property
-    def parent(self) -> Optional[ParentRef]:
+    def parent(self) -> ParentRef | None:
         st = self.state
         return parent_ref(st.locator) if st.has_parent else None
 
@@ -194,7 +193,7 @@ class VhdxBackend(ImageBackend):
         update_header(self.state, DataWriteGuid=random_guid())
 
     # == whole-image operations ==============================================================
-    def set_parent(self, parent: Optional[ParentSpec]) -> None:
+    def set_parent(self, parent: ParentSpec | None) -> None:
         from vdtool.formats.vhdx.reparent import set_parent
 
         self._require_writable()
@@ -216,7 +215,7 @@ class VhdxBackend(ImageBackend):
         self.flush()
         compact(self.state, self.bitmaps, progress, self.parent_read)
 
-    def _check(self, res: CheckResult, repair: Optional[str], progress: Progress) -> None:
+    def _check(self, res: CheckResult, repair: str | None, progress: Progress) -> None:
         from vdtool.formats.vhdx.check import check
 
         check(self.state, res, repair, progress)

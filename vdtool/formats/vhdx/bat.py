@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from array import array
-from typing import Callable
+from collections.abc import Callable
 
 from vdtool.core.backend import MapExtent, Status
 from vdtool.core.bytesutil import align_up, is_zero

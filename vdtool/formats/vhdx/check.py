@@ -5,8 +5,6 @@ pending or does not replay, and space past the last block (a leak)."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import CheckResult
 from vdtool.core.bytesutil import align_up
 from vdtool.core.progress import Progress
@@ -20,7 +18,7 @@ from vdtool.formats.vhdx.layout import (NULL_GUID, REGION_TABLE_BYTES, REGION_TA
 from vdtool.formats.vhdx.state import VhdxState
 
 
-def check(st: VhdxState, res: CheckResult, repair: Optional[str], progress: Progress) -> None:
+def check(st: VhdxState, res: CheckResult, repair: str | None, progress: Progress) -> None:
     fix_all = repair == "all"
     # A pending log is what a crash between a log entry and its writes in
     # place leaves: readers replay it (vdtool reads through it), so it is a

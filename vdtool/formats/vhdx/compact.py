@@ -7,7 +7,7 @@ log), so a crash leaves every entry pointing at whole data."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from vdtool.core.bytesutil import is_zero
 from vdtool.core.progress import Progress

@@ -17,8 +17,6 @@ log that replays to the new metadata."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.bytesutil import align_up
 from vdtool.formats.vhdx.crc import with_zeroed_field
 from vdtool.formats.vhdx.headers import begin_modification, update_header
@@ -51,7 +49,7 @@ def _circular(log: bytes, pos: int, length: int) -> bytes:
     return log[pos:] + log[:end - len(log)]
 
 
-def _parse_entry(log: bytes, pos: int, guid: bytes) -> Optional[LogEntry]:
+def _parse_entry(log: bytes, pos: int, guid: bytes) -> LogEntry | None:
     """The entry at ``pos`` of the log, or None where there is no valid one."""
     hdr = LOG_ENTRY_HEADER.unpack(log, pos)
     n = hdr.EntryLength

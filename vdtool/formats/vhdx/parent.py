@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ntpath
 import os
-from typing import Optional
 
 from vdtool.core.backend import ParentRef
 from vdtool.core.errors import CorruptImageError
@@ -59,7 +58,7 @@ def linkage_text(data_write_guid: bytes) -> str:
     return "{" + guid_text(data_write_guid) + "}"
 
 
-def _plain_guid(text: Optional[str]) -> Optional[str]:
+def _plain_guid(text: str | None) -> str | None:
     return text.strip().strip("{}").lower() if text else None
 
 

@@ -7,8 +7,6 @@ plain dynamic one."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from vdtool.core.backend import ParentSpec, Status
 from vdtool.core.errors import UsageError
 from vdtool.formats.vhdx import bat
@@ -23,7 +21,7 @@ from vdtool.formats.vhdx.resize import patch_sectors, set_item
 from vdtool.formats.vhdx.state import VhdxState
 
 
-def set_parent(st: VhdxState, parent: Optional[ParentSpec], linkage: Optional[bytes]) -> None:
+def set_parent(st: VhdxState, parent: ParentSpec | None, linkage: bytes | None) -> None:
     begin_modification(st, visible=True)
     if parent is None:
         if st.has_parent:

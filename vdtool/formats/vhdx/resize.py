@@ -9,7 +9,7 @@ they become part of the disk."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from vdtool.core.bytesutil import align_up
 from vdtool.core.errors import UsageError

@@ -4,7 +4,6 @@ VHDX image, and the facts derived from it."""
 from __future__ import annotations
 
 from array import array
-from typing import Optional
 
 from vdtool.core.errors import CorruptImageError
 from vdtool.core.fileio import ImageFile
@@ -60,7 +59,7 @@ class VhdxState:
         self.physical_sector = 4096
         self.page83 = bytes(16)
         self.locator: dict = {}
-        self.locator_type: Optional[bytes] = None
+        self.locator_type: bytes | None = None
         self.bat = array("Q")
         self.dirty_pages: set = set()
         self.pending: dict = {}

@@ -6,7 +6,7 @@ where they hold zeros."""
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from vdtool.core.backend import Status
 from vdtool.core.bytesutil import align_up, ceil_div, is_zero

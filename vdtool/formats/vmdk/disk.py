@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import bisect
 import os
-from typing import TYPE_CHECKING, Optional
 
 from vdtool.core.errors import CorruptImageError, FormatError, UnsupportedFeature, VdError
 from vdtool.core.fileio import ImageFile, is_url, open_file
@@ -16,6 +15,7 @@ from vdtool.formats.vmdk.flat import FlatExtent, ZeroExtent
 from vdtool.formats.vmdk.layout import COWD_MAGIC, MAGIC, MAX_CAPACITY_BYTES, MAX_DESCRIPTOR_BYTES, SECTOR
 from vdtool.formats.vmdk.sparse import SparseExtent
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:  # a stream is made by create only: its module is not loaded to read an image
     from vdtool.formats.vmdk.stream import StreamWriter
 
@@ -44,9 +44,9 @@ class Disk:
         self.files: dict = {os.path.realpath(path): file}
         self.extents: list = []
         self.starts: list = []
-        self.desc: Optional[Descriptor] = None
+        self.desc: Descriptor | None = None
         self.desc_home = None
-        self.stream: Optional["StreamWriter"] = None
+        self.stream: StreamWriter | None = None
 
     # -- extents -----------------------------------------------------------------------
     def add_extent(self, ext) -> None:

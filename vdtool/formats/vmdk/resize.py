@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from array import array
-from typing import Callable
+from collections.abc import Callable
 
 from vdtool.core.backend import Status
 from vdtool.core.bytesutil import ceil_div

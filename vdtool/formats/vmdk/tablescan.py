@@ -8,7 +8,6 @@ import bisect
 import functools
 from array import array
 from itertools import compress as _select
-from typing import Optional
 
 from vdtool.core.bytesutil import ceil_div
 from vdtool.formats.vmdk.layout import SECTOR
@@ -111,7 +110,7 @@ class TableScan:
         self.dirty = dirty
         self.segs = directory_runs(d, step)
         self._seg_starts = [s[0] for s in self.segs]
-        self._los: Optional[list] = None  # table ranges [lo, hi) that may hold entries: disjoint, sorted
+        self._los: list | None = None  # table ranges [lo, hi) that may hold entries: disjoint, sorted
         self._his: list = []
         self._chunks: dict = {}  # chunk -> sorted array of the table indices in it that may hold entries
         self._noted: dict = {}  # chunk not looked at yet -> tables given entries since the ranges were taken
