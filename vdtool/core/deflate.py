@@ -66,13 +66,18 @@ def engine() -> str:
 
 def check_level(value, what: str = "compression_level") -> int:
     """A deflate level 1-9 from an option's value; UsageError otherwise."""
+    return level_in_range(value, MIN_LEVEL, MAX_LEVEL, what, "deflate levels are {lo} to {hi} (zlib's scale)")
+
+
+def level_in_range(value, lo: int, hi: int, what: str, rule: str) -> int:
+    """An option's value as an integer from ``lo`` to ``hi``; a UsageError
+    that names the option and ``rule`` (formatted with lo and hi) otherwise."""
     try:
         level = int(value)
     except (TypeError, ValueError):
         level = None
-    if level is None or isinstance(value, bool) or not MIN_LEVEL <= level <= MAX_LEVEL:
-        raise UsageError(f"{what}: invalid value {value!r}; deflate levels are {MIN_LEVEL} to {MAX_LEVEL} "
-                         f"(zlib's scale)")
+    if level is None or isinstance(value, bool) or not lo <= level <= hi:
+        raise UsageError(f"{what}: invalid value {value!r}; {rule.format(lo=lo, hi=hi)}")
     return level
 
 

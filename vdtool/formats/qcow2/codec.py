@@ -19,7 +19,7 @@ run in the copy engine's worker threads (the libraries drop the GIL).
 from __future__ import annotations
 
 from vdtool.core import deflate
-from vdtool.core.errors import UnsupportedFeature, UsageError
+from vdtool.core.errors import UnsupportedFeature
 from vdtool.formats.qcow2.layout import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
 # A cluster is at most 2 MiB: a frame asking for a bigger window than this
@@ -58,14 +58,7 @@ def check_level(value, ctype: int, path: str | None = None) -> int | None:
     if ctype != COMPRESSION_ZSTD:
         return deflate.check_level(value, "qcow2 option compression_level")
     lo, hi = zstd_module(path).CompressionParameter.compression_level.bounds()
-    try:
-        level = int(value)
-    except (TypeError, ValueError):
-        level = None
-    if level is None or isinstance(value, bool) or not lo <= level <= hi:
-        raise UsageError(f"qcow2 option compression_level: invalid value {value!r}; zstd levels are {lo} "
-                         f"to {hi}")
-    return level
+    return deflate.level_in_range(value, lo, hi, "qcow2 option compression_level", "zstd levels are {lo} to {hi}")
 
 
 def compress_cluster(data, cluster_size: int, ctype: int = COMPRESSION_ZLIB,
