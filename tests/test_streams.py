@@ -142,6 +142,29 @@ def test_raw_to_a_pipe_is_the_disk_whether_sent_by_the_kernel_or_read(tmp_path, 
     assert (tmp_path / "appended.raw").read_bytes() == want
 
 
+def test_a_hostile_cluster_is_refused_on_a_pipe_as_in_a_file(tmp_path):
+    """An L2 entry pointing at the L1 table: raw output to a pipe
+    (where a raw source's ranges go by sendfile) still reads through the
+    checks, and refuses the image with the same line as a file convert."""
+    import struct
+
+    peers.need("qemu-img")
+    img = tmp_path / "bad.qcow2"
+    peers.qemu_img("create", "-q", "-f", "qcow2", str(img), "4M")
+    peers.qemu_io(img, "write -P 0x5a 0 64k")
+    raw = bytearray(img.read_bytes())
+    l1 = struct.unpack_from(">Q", raw, 40)[0]
+    l2 = struct.unpack_from(">Q", raw, l1)[0] & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">Q", raw, l2, (1 << 63) | l1)  # cluster 0 -> the L1 table
+    img.write_bytes(bytes(raw))
+    r_file = cli("convert", "-O", "raw", str(img), str(tmp_path / "out.raw"), expect=1)
+    r_pipe = sh(f"{VD} convert -O raw bad.qcow2 - | cat > piped.raw", cwd=tmp_path, check=False)
+    assert r_file.returncode == 1 and r_pipe.returncode == 1
+    assert "overlaps qcow2 metadata" in r_file.stderr
+    assert r_pipe.stderr.decode().count("vdtool: error:") == 1
+    assert "overlaps qcow2 metadata" in r_pipe.stderr.decode()
+
+
 def test_stdout_to_a_file_stays_sparse_and_raw_streams_in_bounded_memory(tmp_path, src):
     r = sh(f"{VD} convert -O raw src.qcow2 - > out.img", cwd=tmp_path)
     assert r.stdout == b""  # nothing but the image on standard output

@@ -295,6 +295,12 @@ class ImageBackend:
     # parts of a block: it tests and skips zeros in pieces of this size.
     # 0: the block (a format that fills a new block whole, or compresses it).
     sparse_grain: ClassVar[int] = 0
+    # Whether map_extent's host offsets may be handed to the kernel to copy
+    # (sendfile into a pipe) without readinto's checks: only where the disk
+    # is the file (raw).  An image format's reads check each data cluster
+    # against its metadata first (a hostile table may point into the
+    # header), so its data is read, not sent.
+    kernel_copy: ClassVar[bool] = False
     amend_options: ClassVar[tuple] = ()  # FormatOption, for amend -o (what can change in place)
 
     def __init__(self, file):

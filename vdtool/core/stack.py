@@ -20,10 +20,11 @@ _ZERO_CHUNK = bytes(1 << 20)
 
 
 def _plain_fd(layer) -> int | None:
-    """The descriptor of ``layer``'s own local file (its data stored as
-    is), or None: a remote file, or an image whose data lives elsewhere."""
+    """The descriptor of ``layer``'s own local file where its ranges may go
+    by sendfile (``kernel_copy``: raw), else None: a remote file, or an
+    image format whose reads check what its tables point at."""
     f = getattr(layer, "file", None)
-    if type(f) is not ImageFile or f.path != layer.path:
+    if not getattr(layer, "kernel_copy", False) or type(f) is not ImageFile or f.path != layer.path:
         return None
     return f.fd
 

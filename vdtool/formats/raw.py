@@ -18,6 +18,7 @@ class RawBackend(ImageBackend):
     capabilities = (Cap.CREATE_DYNAMIC | Cap.CREATE_FIXED | Cap.WRITE | Cap.DISCARD | Cap.COMPACT
                     | Cap.RESIZE | Cap.SHRINK)
     variants = ("sparse", "full")
+    kernel_copy = True  # the disk is the file: any range may go by sendfile
 
     def __init__(self, file: ImageFile):
         super().__init__(file)
