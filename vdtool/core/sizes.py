@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 from vdtool.core.errors import UsageError
 
 _UNITS = "KMGTPE"
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([kmgtpe]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_PATTERN = r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([kmgtpe]?)(i?b)?\s*$"
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -19,7 +17,9 @@ def parse_size(text: str | int) -> int:
     """Parse a size; a binary suffix multiplies by 1024**n.  A bare 'B' is bytes."""
     if isinstance(text, int):
         return text
-    m = _SIZE_RE.match(str(text))
+    import re  # here, not at the top: `vdtool info` parses no size, and re costs start-up
+
+    m = re.match(_SIZE_PATTERN, str(text), re.IGNORECASE)
     if not m or (m.group(3) and m.group(3).lower() == "ib" and not m.group(2)):
         raise UsageError(f"invalid size {text!r}: expected a number of bytes or a number with K, M, G, T, P or E")
     number, unit = m.group(1), m.group(2).upper()
