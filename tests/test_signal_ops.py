@@ -47,6 +47,12 @@ SIZE = 32 * M
 LONG_TERM, LONG_OTHER = 12, 3  # long form: SIGTERM points, and SIGHUP / SIGINT points, per (op, format)
 
 
+def _default_sighup() -> None:
+    # a runner started under nohup passes SIGHUP on ignored, and vdtool
+    # rightly keeps an ignored SIGHUP ignored
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _env():
     env = dict(os.environ)
     env.pop("VDTOOL_DEBUG", None)
@@ -128,7 +134,8 @@ class Case:
 
     def _run(self, work, sig, delay) -> tuple:
         proc = subprocess.Popen([sys.executable, "-m", "vdtool", *self.args], cwd=work, env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_default_sighup)
         end = time.monotonic() + 30
         while not _ready(proc.pid) and proc.poll() is None and time.monotonic() < end:
             time.sleep(0.002)

@@ -36,9 +36,15 @@ def _busy_source(path, mib: int = 192) -> None:
             f.write(block[i:] + block[:i])
 
 
+def _default_sighup() -> None:
+    # a runner started under nohup passes SIGHUP on ignored, and vdtool
+    # rightly keeps it ignored (test_ignored_sighup_stays_ignored)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _start(args, cwd):
     return subprocess.Popen([sys.executable, "-m", "vdtool", *args], cwd=cwd, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sighup)
 
 
 def _wait_for_staging(folder, proc, timeout=30.0) -> None:
