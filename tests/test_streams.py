@@ -465,6 +465,40 @@ def test_a_killed_stream_convert_leaves_nothing_the_next_run_keeps(tmp_path, src
     assert os.listdir(tdir) == []
 
 
+def test_sigterm_stops_raw_sent_into_a_stalled_fifo(tmp_path):
+    """Raw into a FIFO goes by sendfile; with the reader stalled, vdtool is
+    blocked inside sendfile, and SIGTERM still stops it at once (143, one
+    line), leaving no temporary folder."""
+    import fcntl
+    import signal
+    import termios
+    import time
+
+    tdir, env = _tmpdir_env(tmp_path)
+    with open(tmp_path / "src.raw", "wb") as f:
+        f.write(os.urandom(1 << 20) * 48)
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    p = subprocess.Popen([*VDTOOL, "convert", "-O", "raw", "src.raw", "f"], cwd=tmp_path, env=env,
+                         stderr=subprocess.PIPE)
+    reader = open(fifo, "rb")  # opened, never read: the pipe fills and sendfile blocks
+    deadline = time.time() + 60
+    while time.time() < deadline and p.poll() is None:
+        if int.from_bytes(fcntl.ioctl(reader, termios.FIONREAD, b"\0\0\0\0"), "little") >= 65536:
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    p.wait(30)
+    err = p.stderr.read().decode()
+    reader.close()
+    assert p.returncode == 143, (p.returncode, err)
+    assert [ln for ln in err.splitlines() if ln.startswith("vdtool: error:")] == \
+        ["vdtool: error: terminated by SIGTERM"], err
+    assert os.listdir(tdir) == []
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".vdtool-")]
+
+
 @pytest.mark.parametrize("maker", ["qemu-img", "vdtool"])
 def test_stream_optimized_vmdk_is_read_from_a_pipe_front_to_back(tmp_path, src, maker):
     """A streamOptimized VMDK in a pipe is read as it comes (its grains are
