@@ -193,17 +193,7 @@ def emit(shadow_fd: int, total: int, data_map: DataMap, source, target, deliver_
     for host, n, voff in data_map.ranges:
         if host > pos:
             deliver_range(shadow_fd, pos, min(host, total))
-        done = 0
-        for fd, src_off, m in _source_runs(source, voff, n, len(buf)):
-            end = done + m
-            if fd is not None:  # the kernel copies it (into a pipe: no copy at all)
-                done += target.send_file(fd, src_off, host + done, m)
-            while done < end:  # or this reads and writes it
-                view = memoryview(buf)[:min(len(buf), end - done)]
-                source.readinto(voff + done, view)
-                target.write_at(host + done, view)
-                done += len(view)
-            progress.update(host + done, total)
+        send_source(source, voff, n, target, host, buf, progress, total)
         pos = host + n
     if pos < total:
         deliver_range(shadow_fd, pos, total)
@@ -211,17 +201,36 @@ def emit(shadow_fd: int, total: int, data_map: DataMap, source, target, deliver_
         raise VdError(f"internal error: planned data ends at {pos}, past the image's end {total}", target.name)
 
 
-def _source_runs(source, offset: int, length: int, piece: int):
-    """source.file_runs where the source can tell (a stack), in pieces of at
-    most ``piece`` bytes where it cannot."""
+def send_source(source, offset: int, length: int, target, at: int, buf: bytearray, progress, total: int) -> int:
+    """The disk bytes [offset, offset + length) of ``source`` into ``target``
+    from ``at``: what a raw layer stores goes by sendfile (into a pipe: page
+    references, no copy), zeros as zeros, the rest is read into ``buf`` and
+    written.  Returns how many were data (not zeros)."""
+    piece = 64 * len(buf)  # progress is reported between pieces
     if hasattr(source, "file_runs"):
-        big = 64 * piece  # progress is reported between pieces
-        for _, fd, src_off, n in source.file_runs(offset, length):
-            for done in range(0, n, big):
-                yield fd, None if fd is None else src_off + done, min(big, n - done)
-        return
-    for done in range(0, length, piece):
-        yield None, None, min(piece, length - done)
+        runs = source.file_runs(offset, length)
+    else:
+        runs = ((True, None, None, length),)
+    pos = data = 0
+    for is_data, fd, host, n in runs:
+        start, end = pos, pos + n
+        if not is_data:
+            target.zero(at + pos, n)
+            pos = end
+        while pos < end:
+            m = min(piece, end - pos)
+            sent = target.send_file(fd, host + pos - start, at + pos, m) if fd is not None else 0
+            if sent:
+                m = sent  # all of it, or up to where the file ends (the rest is read next)
+            else:
+                m = min(len(buf), m)
+                view = memoryview(buf)[:m]
+                source.readinto(offset + pos, view)
+                target.write_at(at + pos, view)
+            data += m
+            pos += m
+            progress.update(at + pos, total)
+    return data
 
 
 class AppendFile:

@@ -283,31 +283,11 @@ def _raw_into_target(source, target, kind: str, target_is_zero: bool, progress: 
 
 def _send_raw(source, target, size: int, progress: Progress) -> int:
     """Raw disk bytes into a pipe (or character device), where every byte
-    goes down it: testing for zeros buys nothing there, so runs the source
-    stores as is in a local file go by sendfile (page references into the
-    pipe, no copy), zeros from a zero buffer, the rest is read and written."""
-    buf = bytearray(1 << 20)
-    piece = 64 << 20  # progress is reported between pieces
-    written = pos = 0
-    for is_data, fd, host, n in source.file_runs(0, size):
-        start, end = pos, pos + n
-        if not is_data:
-            target.zero(pos, n)
-            pos = end
-        while pos < end:
-            m = min(piece, end - pos)
-            sent = target.send_file(fd, host + pos - start, pos, m) if fd is not None else 0
-            if sent:
-                m = sent  # all of it, or up to where the file ends (the rest is read below)
-            else:
-                m = min(len(buf), m)
-                view = memoryview(buf)[:m]
-                source.readinto(pos, view)
-                target.write_at(pos, view)
-            written += m
-            pos += m
-            progress.update(pos, size)
-    return written
+    goes down it: testing for zeros buys nothing there (layout_ahead.send_source
+    sends a raw source's runs by sendfile)."""
+    from vdtool.core.layout_ahead import send_source
+
+    return send_source(source, 0, size, target, 0, bytearray(1 << 20), progress, size)
 
 
 def _pump_raw(source, target, progress: Progress) -> ConvertResult:
