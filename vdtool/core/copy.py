@@ -49,7 +49,7 @@ def copy_stack(src, dst, *, base=None, compress: bool = False, write_zeros: bool
     top = dst.top
     if compress and not top.capabilities & Cap.COMPRESS:
         raise NotSupported("compression", top.name, top.path)
-    copier = _Copier(src, top, base, write_zeros, digest, progress, COMPRESS_CHUNK if compress else CHUNK)
+    copier = _Copier(src, top, base, write_zeros, digest, progress, compress)
     copier.mark_zeros = mark_zeros
     writer = _CompressedWriter(top) if compress else None
     copier.compressed = writer
@@ -107,12 +107,13 @@ class _Copier:
     """One copy: walks ``src``'s extents chunk by chunk and hands each to
     ``consume``, which hashes it, tests it and writes what must be written."""
 
-    def __init__(self, src, top, base, write_zeros: bool, digest, progress: Progress, chunk: int = CHUNK):
+    def __init__(self, src, top, base, write_zeros: bool, digest, progress: Progress, compress: bool = False):
         self.src, self.top, self.base = src, top, base
         self.size = src.virtual_size
         self.block = max(top.block_size, 512)
+        chunk = COMPRESS_CHUNK if compress else CHUNK
         grain = getattr(top, "sparse_grain", 0)
-        if grain and chunk == CHUNK and grain < self.block:
+        if grain and not compress and grain < self.block:
             # zeros are tested and skipped in grains: the block's unwritten
             # rest reads as zeros (a 2 MiB VHD block half full of data was
             # written whole, zeros and all)
