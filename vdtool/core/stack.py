@@ -126,11 +126,15 @@ class ImageStack:
             fd = host = None
             if status == Status.DATA and level >= 0:
                 layer = self.layers[level]
-                ext = layer.map_extent(pos, n)
-                n = max(1, min(n, ext.length))
-                if (ext.status == Status.DATA and ext.offset is not None and not ext.compressed
-                        and not ext.zero and ext.file is None):
-                    fd, host = _plain_fd(layer), ext.offset
+                fd = _plain_fd(layer)
+                if fd is not None:  # only then is where the data lies worth asking
+                    ext = layer.map_extent(pos, n)
+                    n = max(1, min(n, ext.length))
+                    if (ext.status == Status.DATA and ext.offset is not None and not ext.compressed
+                            and not ext.zero and ext.file is None):
+                        host = ext.offset
+                    else:
+                        fd = None
             elif status == Status.DATA:
                 status = Status.ZERO  # no layer holds it
             yield (status == Status.DATA, fd, host if fd is not None else None, n)
